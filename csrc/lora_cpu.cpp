@@ -1,0 +1,285 @@
+// CPU kernels for lora_shrink, lora_expand and lora_delta: tokens grouped by slot (the order an
+// AdapterBatch computes), register-tiled shrink then expand per group of tokens, fp32 accumulation
+// for fp32/fp16/bf16 inputs (fp64 accumulates in fp64), at::parallel_for over work items.
+// The kernel body is compiled for AVX-512, AVX2 and baseline SIMD and picked at run time.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "lora_cpu_work.h"
+
+namespace lora_fast {
+namespace cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LF_HAVE_X86_VARIANTS 1
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma")
+namespace avx512 {
+#define LF_VEC_BYTES 64
+#define LF_SHRINK_TN 4
+#define LF_EXPAND_NV 4
+#include "lora_cpu_kernel.h"
+#undef LF_VEC_BYTES
+#undef LF_SHRINK_TN
+#undef LF_EXPAND_NV
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define LF_VEC_BYTES 32
+#define LF_SHRINK_TN 2
+#define LF_EXPAND_NV 2
+#include "lora_cpu_kernel.h"
+#undef LF_VEC_BYTES
+#undef LF_SHRINK_TN
+#undef LF_EXPAND_NV
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+#define LF_VEC_BYTES 16
+#define LF_SHRINK_TN 2
+#define LF_EXPAND_NV 2
+#include "lora_cpu_kernel.h"
+#undef LF_VEC_BYTES
+#undef LF_SHRINK_TN
+#undef LF_EXPAND_NV
+}  // namespace baseline
+
+namespace {
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+// LORA_FAST_CPU_ISA=avx512|avx2|baseline narrows the choice (tests use it to cover every copy);
+// a request the CPU cannot run falls back to the best it can.
+Isa pick_isa() {
+#ifdef LF_HAVE_X86_VARIANTS
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* want = std::getenv("LORA_FAST_CPU_ISA");
+  if (want != nullptr && std::strcmp(want, "baseline") == 0) return Isa::kBaseline;
+  if (want != nullptr && std::strcmp(want, "avx2") == 0) return has_avx2 ? Isa::kAvx2 : Isa::kBaseline;
+  if (has_avx512) return Isa::kAvx512;
+  if (has_avx2) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+template <typename scalar_t, typename acc_t, Mode mode>
+void run_parallel(const Problem<scalar_t, acc_t>& p, const std::vector<WorkItem>& items) {
+  const Isa isa = pick_isa();
+  const WorkItem* data = items.data();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    switch (isa) {
+#ifdef LF_HAVE_X86_VARIANTS
+      case Isa::kAvx512:
+        avx512::run_items<scalar_t, acc_t, mode>(p, data + begin, end - begin);
+        break;
+      case Isa::kAvx2:
+        avx2::run_items<scalar_t, acc_t, mode>(p, data + begin, end - begin);
+        break;
+#endif
+      default:
+        baseline::run_items<scalar_t, acc_t, mode>(p, data + begin, end - begin);
+    }
+  });
+}
+
+// Metadata checks are cheap (O(T + S)) and keep a malformed call from reading out of bounds.
+struct Metadata {
+  std::vector<int64_t> ranks;
+  std::vector<WorkItem> items;
+  at::Tensor token_order;  // int64, contiguous
+};
+
+Metadata prepare(int64_t num_tokens, int64_t num_slots, int64_t r_max, const at::Tensor& token_order,
+                 const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                 const std::optional<at::Tensor>& ranks) {
+  TORCH_CHECK_VALUE(token_order.dim() == 1 && token_order.size(0) == num_tokens,
+                    "token_order must have one entry per token (", num_tokens, "), got shape ",
+                    token_order.sizes());
+  TORCH_CHECK_VALUE(segment_starts.dim() == 1 && segment_starts.size(0) == num_slots,
+                    "segment_starts must have one entry per slot (", num_slots, ")");
+  TORCH_CHECK_VALUE(segment_lengths.dim() == 1 && segment_lengths.size(0) == num_slots,
+                    "segment_lengths must have one entry per slot (", num_slots, ")");
+  Metadata meta;
+  meta.token_order = token_order.to(at::kLong).contiguous();
+  const auto starts = segment_starts.to(at::kLong).contiguous();
+  const auto lengths = segment_lengths.to(at::kLong).contiguous();
+  const int64_t* order = meta.token_order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_tokens; ++i)
+    TORCH_CHECK_VALUE(order[i] >= 0 && order[i] < num_tokens, "token_order[", i, "] = ", order[i],
+                      " is not a token index in [0, ", num_tokens, ")");
+
+  meta.ranks.assign(num_slots, r_max);
+  if (ranks.has_value()) {
+    TORCH_CHECK_VALUE(ranks->dim() == 1 && ranks->size(0) == num_slots,
+                      "ranks must have one entry per slot (", num_slots, ")");
+    const auto r = ranks->to(at::kLong).contiguous();
+    const int64_t* rp = r.data_ptr<int64_t>();
+    for (int64_t s = 0; s < num_slots; ++s) {
+      TORCH_CHECK_VALUE(rp[s] >= 0 && rp[s] <= r_max, "ranks[", s, "] = ", rp[s], " is outside [0, ",
+                        r_max, "]");
+      meta.ranks[s] = rp[s];
+    }
+  }
+
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_slots; ++s) {
+    TORCH_CHECK_VALUE(sp[s] >= 0 && lp[s] >= 0 && sp[s] + lp[s] <= num_tokens, "segment ", s,
+                      " [", sp[s], ", ", sp[s] + lp[s], ") lies outside the ", num_tokens, " tokens");
+    if (meta.ranks[s] == 0) continue;
+    for (int64_t off = 0; off < lp[s]; off += kChunkTokens)
+      meta.items.push_back({s, sp[s] + off, std::min(kChunkTokens, lp[s] - off)});
+  }
+  return meta;
+}
+
+void check_2d_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name, " must have unit stride along its last dimension");
+}
+
+at::Tensor row_major(const at::Tensor& t) { return t.dim() == 2 && t.stride(1) == 1 ? t : t.contiguous(); }
+
+template <typename scalar_t>
+using acc_type_for = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+}  // namespace
+
+std::string isa_name() {
+  switch (pick_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& token_order,
+                       const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                       const std::optional<at::Tensor>& ranks) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && A_in.size(2) == x_in.size(1),
+                    "lora_shrink expects x [T, d_in] and A [S, r_max, d_in]");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == A_in.scalar_type(), "x and A must share a dtype");
+  const at::Tensor x = row_major(x_in);
+  const at::Tensor A = A_in.contiguous();
+  const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor t = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
+  Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  if (meta.items.empty()) return t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink_cpu", [&] {
+    using acc_t = acc_type_for<scalar_t>;
+    Problem<scalar_t, acc_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.x_row_stride = x.stride(0);
+    p.A = A.const_data_ptr<scalar_t>();
+    p.ranks = meta.ranks.data();
+    p.token_order = meta.token_order.const_data_ptr<int64_t>();
+    p.t = t.mutable_data_ptr<acc_t>();
+    p.t_row_stride = t.stride(0);
+    p.r_max = r_max;
+    p.d_in = x.size(1);
+    run_parallel<scalar_t, acc_t, Mode::kShrink>(p, meta.items);
+  });
+  return t;
+}
+
+void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tensor& token_order,
+                  const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                  const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+  TORCH_CHECK_VALUE(B_in.dim() == 3 && t_in.dim() == 2 && t_in.size(1) == B_in.size(2),
+                    "lora_expand expects t [T, r_max] and B [S, d_out, r_max]");
+  check_2d_rows(out, "out");
+  TORCH_CHECK_VALUE(out.size(0) == t_in.size(0) && out.size(1) == B_in.size(1),
+                    "out must be [T, d_out] = [", t_in.size(0), ", ", B_in.size(1), "]");
+  TORCH_CHECK_TYPE(out.scalar_type() == B_in.scalar_type(), "out and B must share a dtype");
+  const at::Tensor B = B_in.contiguous();
+  const auto acc_dtype = B.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor t = row_major(t_in.to(acc_dtype));
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t T = t.size(0), S = B.size(0), r_max = B.size(2);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
+  Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  if (meta.items.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.scalar_type(), "lora_expand_cpu", [&] {
+    using acc_t = acc_type_for<scalar_t>;
+    Problem<scalar_t, acc_t> p;
+    p.B = B.const_data_ptr<scalar_t>();
+    p.scales = scales.const_data_ptr<float>();
+    p.ranks = meta.ranks.data();
+    p.token_order = meta.token_order.const_data_ptr<int64_t>();
+    p.t_in = t.const_data_ptr<acc_t>();
+    p.t_row_stride = t.stride(0);
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.out_row_stride = out.stride(0);
+    p.r_max = r_max;
+    p.d_out = B.size(1);
+    run_parallel<scalar_t, acc_t, Mode::kExpand>(p, meta.items);
+  });
+}
+
+void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+                 const at::Tensor& token_order, const at::Tensor& segment_starts,
+                 const at::Tensor& segment_lengths, const at::Tensor& scales_in,
+                 const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
+                        B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
+                    "lora_delta expects x [T, d_in], A [S, r_max, d_in], B [S, d_out, r_max]");
+  check_2d_rows(out, "out");
+  TORCH_CHECK_VALUE(out.size(0) == x_in.size(0) && out.size(1) == B_in.size(1),
+                    "out must be [T, d_out] = [", x_in.size(0), ", ", B_in.size(1), "]");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == A_in.scalar_type() && x_in.scalar_type() == B_in.scalar_type() &&
+                       out.scalar_type() == x_in.scalar_type(),
+                   "x, A, B and out must share a dtype");
+  const at::Tensor x = row_major(x_in);
+  const at::Tensor A = A_in.contiguous();
+  const at::Tensor B = B_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
+  Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  if (meta.items.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_delta_cpu", [&] {
+    using acc_t = acc_type_for<scalar_t>;
+    Problem<scalar_t, acc_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.x_row_stride = x.stride(0);
+    p.A = A.const_data_ptr<scalar_t>();
+    p.B = B.const_data_ptr<scalar_t>();
+    p.scales = scales.const_data_ptr<float>();
+    p.ranks = meta.ranks.data();
+    p.token_order = meta.token_order.const_data_ptr<int64_t>();
+    p.out = out.mutable_data_ptr<scalar_t>();
+    p.out_row_stride = out.stride(0);
+    p.r_max = r_max;
+    p.d_in = x.size(1);
+    p.d_out = B.size(1);
+    run_parallel<scalar_t, acc_t, Mode::kDelta>(p, meta.items);
+  });
+}
+
+TORCH_LIBRARY_IMPL(lora_fast_C, CPU, m) {
+  m.impl("lora_shrink", &lora_shrink);
+  m.impl("lora_expand_", &lora_expand_);
+  m.impl("lora_delta_", &lora_delta_);
+}
+
+}  // namespace cpu
+}  // namespace lora_fast

@@ -1,0 +1,47 @@
+// Shared between the per-instruction-set copies of lora_cpu_kernel.h and the host code in
+// lora_cpu.cpp: the description of one call and the unit of parallel work.
+#pragma once
+
+#include <cstdint>
+
+namespace lora_fast {
+namespace cpu {
+
+enum class Mode { kShrink, kExpand, kDelta };
+
+// Tokens per register tile: the shrink reuses each loaded A vector this many times, the expand
+// each loaded B vector.
+#define LF_TOKENS_PER_TILE 4
+// Rank columns held on the stack per pass; a larger rank goes through in several passes.
+constexpr int64_t kMaxTileRank = 64;
+// Tokens per work item. Items of one slot are consecutive, so a thread that takes a run of them
+// converts that slot's weights once.
+constexpr int64_t kChunkTokens = 32;
+
+struct WorkItem {
+  int64_t slot;
+  int64_t begin;  // position in token_order
+  int64_t count;
+};
+
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  const scalar_t* x = nullptr;  // [T, d_in], rows x_row_stride apart
+  int64_t x_row_stride = 0;
+  const scalar_t* A = nullptr;  // [S, r_max, d_in] contiguous
+  const scalar_t* B = nullptr;  // [S, d_out, r_max] contiguous
+  const float* scales = nullptr;  // [S]
+  const int64_t* ranks = nullptr;  // [S], each in [0, r_max]
+  const int64_t* token_order = nullptr;  // [T], token indices sorted by slot
+  acc_t* t = nullptr;  // shrink output [T, r_max]
+  const acc_t* t_in = nullptr;  // expand input [T, r_max]
+  int64_t t_row_stride = 0;
+  scalar_t* out = nullptr;  // [T, d_out], rows out_row_stride apart
+  int64_t out_row_stride = 0;
+  int64_t r_max = 0;
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+};
+
+}  // namespace cpu
+}  // namespace lora_fast

@@ -1,0 +1,160 @@
+// CUDA kernels for the multi-adapter LoRA shrink and expand (lora_delta = shrink into an fp32
+// workspace, then expand). One block per token position in adapter-sorted order; each block finds
+// its slot by binary search over the segment starts, so there is no host synchronisation and the
+// launches can be captured in a CUDA graph. Straightforward and correct; the tuned kernels for
+// large batches are the Triton ones.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "lora_cuda.h"
+
+namespace lora_fast {
+namespace cuda {
+namespace {
+
+constexpr int kShrinkWarps = 4;
+constexpr int kExpandThreads = 256;
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(typename AccOf<scalar_t>::type v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Slot whose segment holds sorted position p, or -1 for the no-adapter prefix. An empty segment
+// starts where the next non-empty one does, so the last start <= p belongs to p's segment.
+__device__ __forceinline__ int64_t slot_at(const LoraArgs& a, int64_t p) {
+  int64_t lo = 0, hi = a.num_slots;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a.segment_starts[mid] <= p) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t s = lo - 1;
+  if (s < 0 || p >= a.segment_starts[s] + a.segment_lengths[s]) return -1;
+  return s;
+}
+
+__device__ __forceinline__ int64_t rank_of(const LoraArgs& a, int64_t s) {
+  if (a.ranks == nullptr) return a.r_max;
+  const int64_t r = a.ranks[s];
+  return r < 0 ? 0 : (r > a.r_max ? a.r_max : r);
+}
+
+// Warps take rank rows in turn; lanes stride over d_in (coalesced) and reduce by shuffle.
+template <typename scalar_t>
+__global__ void shrink_kernel(const LoraArgs a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t p = blockIdx.x;
+  const int64_t s = slot_at(a, p);
+  if (s < 0) return;
+  const int64_t k = rank_of(a, s);
+  const int64_t token = a.token_order[p];
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
+  const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
+  acc_t* t = static_cast<acc_t*>(a.t) + token * a.t_row_stride;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (int64_t j = warp; j < k; j += kShrinkWarps) {
+    const scalar_t* row = A + j * a.d_in;
+    acc_t sum = 0;
+    for (int64_t c = lane; c < a.d_in; c += 32) sum += to_acc(x[c]) * to_acc(row[c]);
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) t[j] = sum;
+  }
+}
+
+// Block (position, output tile): the scaled rank-k row of t in shared memory, one output per thread.
+template <typename scalar_t>
+__global__ void expand_kernel(const LoraArgs a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  extern __shared__ unsigned char shared_bytes[];
+  acc_t* t_scaled = reinterpret_cast<acc_t*>(shared_bytes);
+  const int64_t p = blockIdx.x;
+  const int64_t s = slot_at(a, p);
+  if (s < 0) return;
+  const int64_t k = rank_of(a, s);
+  const int64_t token = a.token_order[p];
+  const acc_t* t = static_cast<const acc_t*>(a.t) + token * a.t_row_stride;
+  const acc_t scale = static_cast<acc_t>(a.scales[s]);
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) t_scaled[j] = t[j] * scale;
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (n >= a.d_out) return;
+  const scalar_t* b_row = static_cast<const scalar_t*>(a.B) + (s * a.d_out + n) * a.r_max;
+  acc_t sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += t_scaled[j] * to_acc(b_row[j]);
+  scalar_t* y = static_cast<scalar_t*>(a.out) + token * a.out_row_stride + n;
+  *y = from_acc<scalar_t>(to_acc(*y) + sum);
+}
+
+template <typename scalar_t>
+cudaError_t shrink(const LoraArgs& a, cudaStream_t stream) {
+  shrink_kernel<scalar_t><<<static_cast<unsigned>(a.num_tokens), kShrinkWarps * 32, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t expand(const LoraArgs& a, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const size_t shared = static_cast<size_t>(a.r_max) * sizeof(acc_t);
+  if (shared > kMaxSharedBytes) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(a.num_tokens),
+                  static_cast<unsigned>((a.d_out + kExpandThreads - 1) / kExpandThreads));
+  expand_kernel<scalar_t><<<grid, kExpandThreads, shared, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_lora_shrink(const LoraArgs& args, cudaStream_t stream) {
+  if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0) return cudaSuccess;
+  if (args.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return shrink<float>(args, stream);
+    case DType::kFloat16: return shrink<__half>(args, stream);
+    case DType::kBFloat16: return shrink<__nv_bfloat16>(args, stream);
+    case DType::kFloat64: return shrink<double>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream) {
+  if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0 || args.d_out == 0) return cudaSuccess;
+  if (args.num_tokens > 0x7fffffff || (args.d_out + kExpandThreads - 1) / kExpandThreads > 65535)
+    return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return expand<float>(args, stream);
+    case DType::kFloat16: return expand<__half>(args, stream);
+    case DType::kBFloat16: return expand<__nv_bfloat16>(args, stream);
+    case DType::kFloat64: return expand<double>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace lora_fast

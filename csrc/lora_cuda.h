@@ -1,0 +1,47 @@
+// Launchers for the CUDA multi-adapter LoRA kernels. Plain CUDA: no torch headers, so the kernels
+// compile (and are compile-checked in CI) with nvcc alone; lora_cuda_binding.cpp wires them to
+// torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_fast {
+namespace cuda {
+
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+// One call's tensors as raw pointers. Token metadata is what lora_fast.AdapterBatch holds:
+// token_order (token indices sorted by slot, no-adapter tokens first) and, per slot, the start and
+// length of its segment in token_order. ranks may be null (every slot has rank r_max); a rank
+// outside [0, r_max] is clamped, never read past.
+struct LoraArgs {
+  DType dtype = DType::kFloat32;
+  const void* x = nullptr;  // [T, d_in], rows x_row_stride apart, unit inner stride
+  int64_t x_row_stride = 0;
+  const void* A = nullptr;  // [S, r_max, d_in] contiguous
+  const void* B = nullptr;  // [S, d_out, r_max] contiguous
+  const float* scales = nullptr;  // [S]
+  const int64_t* ranks = nullptr;  // [S] or null
+  const int64_t* token_order = nullptr;  // [T]
+  const int64_t* segment_starts = nullptr;  // [S]
+  const int64_t* segment_lengths = nullptr;  // [S]
+  void* t = nullptr;  // [T, r_max] accumulator dtype (fp32, fp64 for fp64 inputs)
+  int64_t t_row_stride = 0;
+  void* out = nullptr;  // [T, d_out], rows out_row_stride apart
+  int64_t out_row_stride = 0;
+  int64_t num_tokens = 0;
+  int64_t num_slots = 0;
+  int64_t r_max = 0;
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+};
+
+// t[token, :k] = A[slot, :k] @ x[token] for every token with a slot; other entries untouched.
+cudaError_t launch_lora_shrink(const LoraArgs& args, cudaStream_t stream);
+// out[token] += scales[slot] * B[slot, :, :k] @ t[token, :k] for every token with a slot.
+cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_fast

@@ -1,0 +1,46 @@
+"""Build lora_fast and its compiled extension ``lora_fast._C``.
+
+C++ CPU kernels are always built. CUDA kernels are added when the installed torch has CUDA and
+nvcc is found (set ``LORA_FAST_NO_CUDA=1`` to skip them). The top-level ``kernels/`` folder
+(Triton) ships as the package ``lora_fast.kernels``.
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+CSRC = "csrc"
+
+
+def want_cuda() -> bool:
+    if os.environ.get("LORA_FAST_NO_CUDA") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/lora_cpu.cpp"]
+    cxx_flags = ["-O3"]
+    if want_cuda():
+        sources += [f"{CSRC}/lora_cuda.cu", f"{CSRC}/lora_cuda_binding.cpp"]
+        nvcc_flags = ["-O3", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "lora_fast._C",
+            sources,
+            define_macros=[("LORA_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    return cpp_extension.CppExtension("lora_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    packages=find_packages(include=["lora_fast", "lora_fast.*"]) + ["lora_fast.kernels"],
+    package_dir={"lora_fast.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
