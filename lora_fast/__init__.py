@@ -1,0 +1,20 @@
+"""lora_fast: fast multi-adapter LoRA for PyTorch."""
+
+from . import backends, ops, reference
+from .backends import use_backend
+from .batch import NO_ADAPTER, AdapterBatch
+from .ops import lora_delta, lora_expand, lora_shrink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_ADAPTER",
+    "AdapterBatch",
+    "backends",
+    "lora_delta",
+    "lora_expand",
+    "lora_shrink",
+    "ops",
+    "reference",
+    "use_backend",
+]

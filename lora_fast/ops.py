@@ -1,0 +1,264 @@
+"""The public op surface: multi-adapter LoRA shrink, expand and delta.
+
+Each public function checks its arguments (ValueError / TypeError naming the argument) and calls a
+``torch.library`` custom op (``torch.ops.lora_fast.*``) that has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it. The custom op runs the backend that
+``lora_fast.backends.select`` picks for the tensors' device. Semantics: ``lora_fast.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as check
+from . import reference
+from .backends import select
+from .batch import AdapterBatch
+from .reference import accumulation_dtype
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend implementations and the custom ops wrapping them: tensors only (the AdapterBatch
+# travels as its metadata tensors).
+
+
+def _compiled():
+    return torch.ops.lora_fast_C
+
+
+def _int64(ranks: Tensor | None) -> Tensor | None:
+    return ranks if ranks is None or ranks.dtype == torch.int64 else ranks.to(torch.int64)
+
+
+def _unit_stride_rows(out: Tensor) -> Tensor:
+    """``out`` itself when the kernels can write it in place, else a contiguous copy."""
+    return out if out.shape[-1] <= 1 or out.stride(-1) == 1 else out.contiguous()
+
+
+def _shrink_impl(
+    x: Tensor,
+    A: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    ranks: Tensor | None,
+) -> Tensor:
+    if select(x.device) == "torch":
+        batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
+        return reference.lora_shrink(x, A, batch, ranks)
+    return _compiled().lora_shrink(x, A, token_order, segment_starts, segment_lengths, _int64(ranks))
+
+
+def _expand_impl(
+    t: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    out: Tensor,
+) -> None:
+    if select(out.device) == "torch":
+        batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
+        reference.lora_expand(t, B, batch, scales, out, ranks)
+        return
+    target = _unit_stride_rows(out)
+    _compiled().lora_expand_(
+        t, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
+    )
+    if target is not out:
+        out.copy_(target)
+
+
+def _delta_impl(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    out: Tensor,
+) -> None:
+    if select(x.device) == "torch":
+        batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
+        reference.lora_delta(x, A, B, batch, scales, ranks, out)
+        return
+    target = _unit_stride_rows(out)
+    _compiled().lora_delta_(
+        x, A, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
+    )
+    if target is not out:
+        out.copy_(target)
+
+
+def _delta_functional_impl(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+) -> Tensor:
+    out = torch.zeros((x.shape[0], B.shape[1]), dtype=x.dtype, device=x.device)
+    _delta_impl(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out)
+    return out
+
+
+_lora_shrink = torch.library.custom_op("lora_fast::lora_shrink", _shrink_impl, mutates_args=())
+_lora_expand_ = torch.library.custom_op("lora_fast::lora_expand_", _expand_impl, mutates_args=("out",))
+_lora_delta_ = torch.library.custom_op("lora_fast::lora_delta_", _delta_impl, mutates_args=("out",))
+_lora_delta = torch.library.custom_op("lora_fast::lora_delta", _delta_functional_impl, mutates_args=())
+
+
+@_lora_shrink.register_fake
+def _(x, A, token_slots, token_order, segment_starts, segment_lengths, ranks):
+    return x.new_empty((x.shape[0], A.shape[1]), dtype=accumulation_dtype(x.dtype))
+
+
+@_lora_expand_.register_fake
+def _(t, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out):
+    return None
+
+
+@_lora_delta_.register_fake
+def _(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out):
+    return None
+
+
+@_lora_delta.register_fake
+def _(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks):
+    return x.new_empty((x.shape[0], B.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _eager_direct(*tensors: Tensor) -> bool:
+    """True when the op can skip the dispatcher and call its backend directly.
+
+    Going through ``torch.ops`` costs ~40 us of Python dispatch per call, more than a decode-sized
+    kernel. Plain eager calls with no autograd, no tracing and no dispatch mode are identical
+    either way, so they take the short path; everything else goes through the custom op.
+    """
+    if torch.compiler.is_compiling() or _dispatch_mode_active():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(type(t) is torch.Tensor and t.device.type != "meta" for t in tensors)
+
+
+def _dispatch_mode_active() -> bool:
+    stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return stack_depth is None or stack_depth() > 0
+
+
+def _check_x_A(x: object, A: object, batch: AdapterBatch) -> tuple[Tensor, Tensor]:
+    x = check.float_tensor(x, "x", 2)
+    A = check.float_tensor(A, "A", 3)
+    check.dim_size(x, "x", 0, batch.num_tokens, "the batch's token count")
+    check.dim_size(A, "A", 0, batch.num_slots, "the batch's num_slots")
+    check.dim_size(A, "A", 2, x.shape[1], "d_in of x")
+    check.same_dtype(A, "A", x.dtype, "x")
+    return x, A
+
+
+def _check_B(B: object, batch: AdapterBatch, r_max: int, r_source: str) -> Tensor:
+    B = check.float_tensor(B, "B", 3)
+    check.dim_size(B, "B", 0, batch.num_slots, "the batch's num_slots")
+    check.dim_size(B, "B", 2, r_max, f"r_max ({r_source})")
+    return B
+
+
+def _check_out(out: object, num_tokens: int, d_out: int, dtype: torch.dtype, dtype_source: str) -> Tensor:
+    out = check.float_tensor(out, "out", 2)
+    check.dim_size(out, "out", 0, num_tokens, "the batch's token count")
+    check.dim_size(out, "out", 1, d_out, "d_out (B.shape[1])")
+    check.same_dtype(out, "out", dtype, dtype_source)
+    return out
+
+
+def lora_shrink(x: Tensor, A: Tensor, batch: AdapterBatch, ranks: Tensor | None = None) -> Tensor:
+    """``t [T, r_max]``, ``t[i, :k] = A[a_i, :k] @ x_i``, zero elsewhere.
+
+    ``x [T, d_in]``, ``A [S, r_max, d_in]``; t is float32 (float64 for float64 x).
+    """
+    batch = check.batch(batch)
+    x, A = _check_x_A(x, A, batch)
+    ranks = check.ranks(ranks, batch.num_slots, A.shape[1])
+    check.same_device(batch.device, {"x": x, "A": A, "ranks": ranks})
+    op = _shrink_impl if _eager_direct(x, A) else torch.ops.lora_fast.lora_shrink
+    return op(x, A, *batch.metadata, ranks)
+
+
+def lora_expand(
+    t: Tensor,
+    B: Tensor,
+    batch: AdapterBatch,
+    scales: Tensor,
+    out: Tensor,
+    ranks: Tensor | None = None,
+) -> Tensor:
+    """Adds ``scales[a_i] * B[a_i][:, :k] @ t[i, :k]`` into ``out[i]`` in place and returns ``out``.
+
+    ``t [T, r_max]`` (any float dtype; only its first k columns per token are read),
+    ``B [S, d_out, r_max]``, ``scales [S]`` float32, ``out [T, d_out]`` of B's dtype.
+    """
+    batch = check.batch(batch)
+    t = check.float_tensor(t, "t", 2)
+    check.dim_size(t, "t", 0, batch.num_tokens, "the batch's token count")
+    B = _check_B(B, batch, t.shape[1], "t.shape[1]")
+    out = _check_out(out, batch.num_tokens, B.shape[1], B.dtype, "B")
+    scales = check.scales(scales, batch.num_slots)
+    ranks = check.ranks(ranks, batch.num_slots, B.shape[2])
+    check.same_device(batch.device, {"t": t, "B": B, "scales": scales, "ranks": ranks, "out": out})
+    check.no_overlap(out, "out", {"t": t, "B": B})
+    op = _expand_impl if _eager_direct(t, B, out) else torch.ops.lora_fast.lora_expand_
+    op(t, B, *batch.metadata, scales, ranks, out)
+    return out
+
+
+def lora_delta(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    batch: AdapterBatch,
+    scales: Tensor,
+    ranks: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The multi-adapter LoRA delta ``scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)`` per token.
+
+    ``x [T, d_in]``, ``A [S, r_max, d_in]``, ``B [S, d_out, r_max]`` (one dtype), ``scales [S]``
+    float32, ``ranks [S]`` int (default r_max for every slot). Tokens whose slot is -1 get nothing.
+    With ``out [T, d_out]`` given the delta is added into it in place and ``out`` is returned;
+    otherwise a new ``[T, d_out]`` tensor holding the delta is returned.
+    """
+    batch = check.batch(batch)
+    x, A = _check_x_A(x, A, batch)
+    B = _check_B(B, batch, A.shape[1], "A.shape[1]")
+    check.same_dtype(B, "B", x.dtype, "x")
+    scales = check.scales(scales, batch.num_slots)
+    ranks = check.ranks(ranks, batch.num_slots, A.shape[1])
+    check.same_device(batch.device, {"x": x, "A": A, "B": B, "scales": scales, "ranks": ranks})
+    direct = _eager_direct(x, A, B) if out is None else _eager_direct(x, A, B, out)
+    if out is None:
+        op = _delta_functional_impl if direct else torch.ops.lora_fast.lora_delta
+        return op(x, A, B, *batch.metadata, scales, ranks)
+    out = _check_out(out, batch.num_tokens, B.shape[1], x.dtype, "x")
+    check.same_device(batch.device, {"out": out})
+    check.no_overlap(out, "out", {"x": x, "A": A, "B": B})
+    op = _delta_impl if direct else torch.ops.lora_fast.lora_delta_
+    op(x, A, B, *batch.metadata, scales, ranks, out)
+    return out

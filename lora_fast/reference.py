@@ -1,0 +1,89 @@
+"""The specification: readable torch implementations of every lora_fast op.
+
+Each kernel backend is tested against these functions, and they are the `torch` backend that runs
+wherever no compiled kernel does. Arguments are not validated here (lora_fast.ops does that).
+
+Notation: T tokens, S slots, ``x [T, d_in]``, ``A [S, r_max, d_in]``, ``B [S, d_out, r_max]``,
+``scales [S]`` float32, ``ranks [S]`` ints (default: every slot has rank r_max). Token i with slot
+``a = batch.token_slots[i]`` and rank ``k = ranks[a]`` gets::
+
+    delta_i = scales[a] * B[a][:, :k] @ (A[a][:k] @ x_i)
+
+and a token with slot -1 gets nothing. Accumulation is in float32 (float64 for float64 inputs);
+a result added into ``out`` is rounded to out's dtype once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .batch import AdapterBatch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the ops accumulate in, and the dtype of the shrink output ``t``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def slot_segments(batch: AdapterBatch) -> Iterator[tuple[int, torch.Tensor]]:
+    """(slot, token indices) for every slot that has tokens, in slot order."""
+    starts = batch.segment_starts.tolist()
+    lengths = batch.segment_lengths.tolist()
+    for slot in batch.active_slots.tolist():
+        yield slot, batch.token_order[starts[slot] : starts[slot] + lengths[slot]]
+
+
+def _rank(ranks: torch.Tensor | None, slot: int, r_max: int) -> int:
+    return r_max if ranks is None else int(ranks[slot])
+
+
+def lora_shrink(
+    x: torch.Tensor, A: torch.Tensor, batch: AdapterBatch, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``t [T, r_max]``: ``t[i, :k] = A[a_i, :k] @ x_i``; every other entry is 0."""
+    acc = accumulation_dtype(x.dtype)
+    r_max = A.shape[1]
+    t = torch.zeros(x.shape[0], r_max, dtype=acc, device=x.device)
+    for slot, tokens in slot_segments(batch):
+        k = _rank(ranks, slot, r_max)
+        t[tokens, :k] = x[tokens].to(acc) @ A[slot, :k].to(acc).T
+    return t
+
+
+def lora_expand(
+    t: torch.Tensor,
+    B: torch.Tensor,
+    batch: AdapterBatch,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adds ``scales[a_i] * B[a_i][:, :k] @ t[i, :k]`` into ``out[i]`` in place; returns ``out``.
+
+    Only the first k columns of t are read.
+    """
+    acc = accumulation_dtype(out.dtype)
+    r_max = B.shape[2]
+    for slot, tokens in slot_segments(batch):
+        k = _rank(ranks, slot, r_max)
+        delta = (t[tokens, :k].to(acc) @ B[slot, :, :k].to(acc).T) * scales[slot].to(acc)
+        out[tokens] = (out[tokens].to(acc) + delta).to(out.dtype)
+    return out
+
+
+def lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    batch: AdapterBatch,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The LoRA delta of every token, added into ``out`` when given, else into zeros ``[T, d_out]``."""
+    if out is None:
+        out = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
+    t = lora_shrink(x, A, batch, ranks)
+    return lora_expand(t, B, batch, scales, out, ranks)
