@@ -1,0 +1,192 @@
+"""The C++ CPU backend against the reference: every instruction-set copy, dtype and odd case."""
+
+import pytest
+import torch
+
+import lora_fast
+from lora_fast import reference
+
+from .helpers import assert_close, random_case
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+ISAS = ["avx512", "avx2", "baseline"]
+SHAPES = [
+    # T, S, d_in, d_out, r_max
+    (0, 3, 16, 16, 4),
+    (1, 1, 7, 5, 3),
+    (5, 2, 3, 70, 2),
+    (37, 5, 53, 41, 8),
+    (130, 6, 129, 67, 16),
+    (70, 3, 40, 33, 80),  # rank above the kernel's 64-column pass
+]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", request.param)
+    return request.param
+
+
+def expected_delta(c, out=None):
+    """float64 reference on the (already rounded) inputs."""
+    return reference.lora_delta(
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        c["batch"],
+        c["scales"],
+        c["ranks"],
+        None if out is None else out.double(),
+    )
+
+
+def test_extension_is_built_and_is_the_cpu_default():
+    assert lora_fast.backends.extension() is not None, "lora_fast._C did not build"
+    assert lora_fast.backends.select(torch.device("cpu")) in ("cpu", "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_delta_matches_reference(isa, dtype, shape):
+    c = random_case(*shape, dtype=dtype)
+    with lora_fast.use_backend("cpu"):
+        got = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+    assert got.dtype == dtype
+    assert_close(got, expected_delta(c), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_adds_into_poisoned_out_and_leaves_no_adapter_rows_alone(isa, dtype):
+    c = random_case(45, 4, 33, 29, 8, dtype=dtype, none_fraction=0.3)
+    start = (torch.randn(45, 29, dtype=torch.float64) * 100).to(dtype)
+    out = start.clone()
+    with lora_fast.use_backend("cpu"):
+        result = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=out)
+    assert result is out
+    delta = expected_delta(c)
+    assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 100)
+    untouched = c["ids"] < 0
+    assert untouched.any() and torch.equal(out[untouched], start[untouched])
+
+
+def test_weights_past_each_slots_rank_are_never_read(isa):
+    c = random_case(50, 4, 24, 20, 8, dtype=torch.float32)
+    for slot, k in enumerate(c["ranks"].tolist()):
+        c["A"][slot, k:] = float("nan")
+        c["B"][slot, :, k:] = float("nan")
+    with lora_fast.use_backend("cpu"):
+        got = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+    c["A"], c["B"] = c["A"].nan_to_num(0.0), c["B"].nan_to_num(0.0)
+    assert_close(got, expected_delta(c), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_and_expand_match_reference(isa, dtype):
+    c = random_case(61, 5, 35, 27, 12, dtype=dtype)
+    with lora_fast.use_backend("cpu"):
+        t = lora_fast.lora_shrink(c["x"], c["A"], c["batch"], c["ranks"])
+    expected_t = reference.lora_shrink(c["x"].double(), c["A"].double(), c["batch"], c["ranks"])
+    assert t.dtype == reference.accumulation_dtype(dtype)
+    assert_close(t, expected_t, dtype if dtype == torch.float64 else torch.float32)
+    # columns past the rank come back zero; poison them before the expand, which must skip them
+    k = torch.where(c["ids"] >= 0, c["ranks"][c["ids"].clamp(min=0)], 0)
+    beyond = torch.arange(12)[None, :] >= k[:, None]
+    assert (t[beyond] == 0).all()
+    t[beyond] = float("nan")
+    start = torch.randn(61, 27, dtype=torch.float64).to(dtype)
+    out = start.clone()
+    with lora_fast.use_backend("cpu"):
+        lora_fast.lora_expand(t, c["B"], c["batch"], c["scales"], out, c["ranks"])
+    delta = expected_delta(c)
+    assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 4)
+
+
+def test_every_token_without_adapter():
+    c = random_case(30, 3, 16, 16, 4, dtype=torch.float32, ids=torch.full((30,), -1))
+    out = torch.randn(30, 16)
+    start = out.clone()
+    with lora_fast.use_backend("cpu"):
+        assert (lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"]) == 0).all()
+        lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], out=out)
+    assert torch.equal(out, start)
+
+
+def test_sorted_and_shuffled_orders_give_identical_bits():
+    c = random_case(200, 6, 64, 48, 16, dtype=torch.float32)
+    order = torch.randperm(200)
+    shuffled = lora_fast.AdapterBatch(c["ids"][order], 6)
+    with lora_fast.use_backend("cpu"):
+        plain = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+        permuted = lora_fast.lora_delta(c["x"][order], c["A"], c["B"], shuffled, c["scales"], c["ranks"])
+    assert torch.equal(plain[order], permuted)
+
+
+@pytest.mark.parametrize("layout", ["row_padded", "transposed", "strided"])
+def test_non_contiguous_inputs_and_outputs(layout):
+    c = random_case(33, 4, 24, 18, 8, dtype=torch.float32)
+    x = c["x"]
+    if layout == "row_padded":
+        x = torch.cat([x, torch.randn(33, 5)], dim=1)[:, :24]
+        out = torch.cat([torch.zeros(33, 18), torch.randn(33, 3)], dim=1)[:, :18]
+    elif layout == "transposed":
+        x = x.t().contiguous().t()
+        out = torch.zeros(18, 33).t()
+    else:
+        x = torch.stack([x, torch.randn_like(x)], dim=2)[:, :, 0]
+        out = torch.zeros(33, 18, 2)[:, :, 0]
+    assert not x.is_contiguous() and not out.is_contiguous()
+    with lora_fast.use_backend("cpu"):
+        lora_fast.lora_delta(x, c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=out)
+    assert_close(out, expected_delta(c), torch.float32)
+
+
+def test_threads_split_the_work_without_changing_the_result():
+    c = random_case(700, 8, 96, 80, 16, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with lora_fast.use_backend("cpu"):
+            single = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+        torch.set_num_threads(2)
+        with lora_fast.use_backend("cpu"):
+            double = lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, double)
+    assert_close(single, expected_delta(c), torch.float32)
+
+
+def test_compiled_op_rejects_malformed_metadata():
+    c = random_case(10, 3, 8, 8, 4, dtype=torch.float32)
+    b = c["batch"]
+    out = torch.zeros(10, 8)
+    bad_order = b.token_order.clone()
+    bad_order[0] = 10
+    with pytest.raises(ValueError, match="token_order"):
+        torch.ops.lora_fast_C.lora_delta_(
+            c["x"], c["A"], c["B"], bad_order, b.segment_starts, b.segment_lengths, c["scales"], None, out
+        )
+    with pytest.raises(ValueError, match="segment"):
+        torch.ops.lora_fast_C.lora_delta_(
+            c["x"],
+            c["A"],
+            c["B"],
+            b.token_order,
+            b.segment_starts + 20,
+            b.segment_lengths,
+            c["scales"],
+            None,
+            out,
+        )
+    with pytest.raises(ValueError, match="ranks"):
+        torch.ops.lora_fast_C.lora_delta_(
+            c["x"],
+            c["A"],
+            c["B"],
+            b.token_order,
+            b.segment_starts,
+            b.segment_lengths,
+            c["scales"],
+            torch.tensor([1, 5, 0]),
+            out,
+        )
