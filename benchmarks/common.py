@@ -1,0 +1,77 @@
+"""Shared benchmark plumbing: timing, machine description, and writing JSON / Markdown / PNG."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+import lora_fast
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def median_us(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median time of one call in microseconds (torch.utils.benchmark's blocked autorange)."""
+    fn()
+    measurement = tbench.Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
+    return measurement.median * 1e6
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_isa": lora_fast.backends.cpu_isa(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lora_fast": lora_fast.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    for package in ("peft", "triton", "vllm"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(stem: str, payload: dict, table: str, out_dir: Path | None = None) -> list[Path]:
+    """``<stem>.json`` and ``<stem>.md`` under out_dir (default benchmarks/results/)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path = out_dir / f"{stem}.md"
+    header = ", ".join(f"{k}: {v}" for k, v in payload["machine"].items() if v is not None)
+    md_path.write_text(f"# {stem}\n\n{header}\n\n{table}\n")
+    return [json_path, md_path]
