@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,59 @@ def median_us(fn: Callable[[], object], min_run_time: float) -> float:
         stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
     ).blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1e6
+
+
+def gpu_median_us(fn: Callable[[], object], repetitions: int, graph: bool = True) -> float:
+    """Median GPU time of one call in microseconds, L2 flushed before each repetition.
+
+    With ``graph`` the call is captured in a CUDA graph and replayed (launch overhead out of the
+    measurement, as in a graph-captured serving step); if capture fails it is timed eagerly.
+    """
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compile / autotune / allocate outside the measurement
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                fn()
+            run = cuda_graph.replay
+        except Exception:
+            torch.cuda.synchronize()
+            run = fn
+    times = []
+    for _ in range(repetitions):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: str = "cuda", size_bytes: int = 2**30) -> float:
+    """Achieved HBM bandwidth of a device-to-device copy (bytes read + written per second)."""
+    src = torch.empty(size_bytes, dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    return 2 * size_bytes / seconds / 1e9
 
 
 def cpu_name() -> str:

@@ -1,7 +1,26 @@
 """Triton kernels for lora_fast, installed as ``lora_fast.kernels``.
 
-Kernels and their launch functions only: no nn.Module, no autograd, no backend policy.
+Kernels and their launch functions only: no nn.Module, no autograd, no backend policy. They take
+tensors and the token metadata of an AdapterBatch (``token_order``, ``token_slots``) and run on
+CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (set before this package is imported).
 """
 
-# The triton backend is offered once kernels land here (lora_fast.backends reads this flag).
-AVAILABLE = False
+try:
+    import triton  # noqa: F401
+except ImportError:  # torch CPU wheels do not require triton
+    AVAILABLE = False
+else:
+    AVAILABLE = True
+    from ._common import SUPPORTED_DTYPES
+    from .lora_delta import lora_delta_, lora_delta_fused_
+    from .lora_expand import lora_expand_
+    from .lora_shrink import lora_shrink, lora_shrink_partials
+
+    __all__ = [
+        "SUPPORTED_DTYPES",
+        "lora_delta_",
+        "lora_delta_fused_",
+        "lora_expand_",
+        "lora_shrink",
+        "lora_shrink_partials",
+    ]

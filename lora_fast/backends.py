@@ -51,30 +51,39 @@ def cpu_isa() -> str | None:
     return _extension.cpu_isa() if _extension is not None else None
 
 
-def available(device: torch.device | str) -> list[str]:
-    """Backends that can run on ``device``, fastest first."""
+def available(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that can run on ``device`` (and ``dtype`` when given), fastest first."""
     device_type = torch.device(device).type
+    kernels = _triton_kernels()
+    triton_ok = kernels is not None and (dtype is None or dtype in kernels.SUPPORTED_DTYPES)
     found = []
     if device_type == "cuda":
-        if _triton_available():
+        if triton_ok and not _triton_interpreted():
             found.append("triton")
         if _extension is not None and _extension.cuda_compiled():
             found.append("cuda")
     elif device_type == "cpu":
         if _extension is not None:
             found.append("cpu")
-        if _triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        if triton_ok and _triton_interpreted():
             found.append("triton")
     found.append("torch")
     return found
 
 
-def _triton_available() -> bool:
+def _triton_kernels() -> ModuleType | None:
     try:
         from . import kernels
     except ImportError:
-        return False
-    return getattr(kernels, "AVAILABLE", False)
+        return None
+    return kernels if kernels.AVAILABLE else None
+
+
+def _triton_interpreted() -> bool:
+    # Decided when the kernels were decorated: TRITON_INTERPRET=1 must be set before import.
+    from .kernels._common import INTERPRETED
+
+    return INTERPRETED
 
 
 def forced() -> str | None:
@@ -85,22 +94,21 @@ def forced() -> str | None:
     return name
 
 
-def select(device: torch.device) -> str:
-    """The backend an op on ``device`` runs with."""
-    choices = available(device)
+def select(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend an op on ``device`` with ``dtype`` inputs runs with."""
+    choices = available(device, dtype)
     name = forced()
     if name is None:
         return choices[0]
     if name not in choices:
-        raise ValueError(
-            f"backend {name!r} cannot run on {torch.device(device).type} tensors here; available: {choices}"
-        )
+        what = torch.device(device).type + ("" if dtype is None else f" {dtype}")
+        raise ValueError(f"backend {name!r} cannot run on {what} tensors here; available: {choices}")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force ``name`` for the ops called inside the block (None: back to automatic choice)."""
+    """Force ``name`` for the ops called inside the block (None: no override from this block)."""
     global _forced
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -28,13 +28,19 @@ def _compiled():
     return torch.ops.lora_fast_C
 
 
+def _triton():
+    from . import kernels
+
+    return kernels
+
+
 def _int64(ranks: Tensor | None) -> Tensor | None:
     return ranks if ranks is None or ranks.dtype == torch.int64 else ranks.to(torch.int64)
 
 
-def _unit_stride_rows(out: Tensor) -> Tensor:
-    """``out`` itself when the kernels can write it in place, else a contiguous copy."""
-    return out if out.shape[-1] <= 1 or out.stride(-1) == 1 else out.contiguous()
+def _unit_stride_rows(tensor: Tensor) -> Tensor:
+    """``tensor`` itself when the kernels can use it in place, else a contiguous copy."""
+    return tensor if tensor.shape[-1] <= 1 or tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 def _shrink_impl(
@@ -46,9 +52,14 @@ def _shrink_impl(
     segment_lengths: Tensor,
     ranks: Tensor | None,
 ) -> Tensor:
-    if select(x.device) == "torch":
+    backend = select(x.device, x.dtype)
+    if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         return reference.lora_shrink(x, A, batch, ranks)
+    if backend == "triton":
+        return _triton().lora_shrink(
+            _unit_stride_rows(x), A.contiguous(), token_order, token_slots, _int64(ranks)
+        )
     return _compiled().lora_shrink(x, A, token_order, segment_starts, segment_lengths, _int64(ranks))
 
 
@@ -63,14 +74,20 @@ def _expand_impl(
     ranks: Tensor | None,
     out: Tensor,
 ) -> None:
-    if select(out.device) == "torch":
+    backend = select(out.device, out.dtype)
+    if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         reference.lora_expand(t, B, batch, scales, out, ranks)
         return
     target = _unit_stride_rows(out)
-    _compiled().lora_expand_(
-        t, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
-    )
+    if backend == "triton":
+        _triton().lora_expand_(
+            _unit_stride_rows(t), B.contiguous(), token_order, token_slots, scales, _int64(ranks), target
+        )
+    else:
+        _compiled().lora_expand_(
+            t, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
+        )
     if target is not out:
         out.copy_(target)
 
@@ -87,14 +104,27 @@ def _delta_impl(
     ranks: Tensor | None,
     out: Tensor,
 ) -> None:
-    if select(x.device) == "torch":
+    backend = select(x.device, x.dtype)
+    if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         reference.lora_delta(x, A, B, batch, scales, ranks, out)
         return
     target = _unit_stride_rows(out)
-    _compiled().lora_delta_(
-        x, A, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
-    )
+    if backend == "triton":
+        _triton().lora_delta_(
+            _unit_stride_rows(x),
+            A.contiguous(),
+            B.contiguous(),
+            token_order,
+            token_slots,
+            scales,
+            _int64(ranks),
+            target,
+        )
+    else:
+        _compiled().lora_delta_(
+            x, A, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
+        )
     if target is not out:
         out.copy_(target)
 

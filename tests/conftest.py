@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before the
+# kernels are decorated, i.e. before lora_fast.kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,3 +21,39 @@ def test_quick_benchmark_writes_results(tmp_path):
 def test_cli_bench_forwards_arguments(tmp_path, capsys):
     assert main(["bench", "--quick", "--tokens", "8", "--adapters", "2", "--out-dir", str(tmp_path)]) == 0
     assert "T=    8 L=  2" in capsys.readouterr().out
+
+
+def test_every_baseline_computes_the_same_delta():
+    """The timed baselines are only worth comparing against if they compute the same thing."""
+    import torch
+
+    import lora_fast
+
+    for order, mixed in (("interleaved", False), ("contiguous", True), ("random", False)):
+        p = bench_lora_ops.make_problem(40, 4, 32, 16, torch.float32, order=order, mixed_ranks=mixed)
+        batch = lora_fast.AdapterBatch(p["adapter_ids"], 4)
+        expected = lora_fast.reference.lora_delta(p["x"], p["A"], p["B"], batch, p["scales"], p["ranks"])
+        outputs = {
+            "lora_fast": bench_lora_ops.lora_fast_op(p, None)(),
+            "peft_loop": bench_lora_ops.peft_style_loop(p)(),
+            "torch_loop": bench_lora_ops.torch_loop(p)(),
+            "gather_bmm": bench_lora_ops.torch_gather_bmm(p)(),
+        }
+        assert bench_lora_ops.dense_base(p)().shape == expected.shape
+        model, names = bench_lora_ops.build_peft_model(p)
+        with torch.no_grad():
+            outputs["peft"] = model(p["x"], adapter_names=names) - model.base_model.model.proj.base_layer(
+                p["x"]
+            )
+        for name, got in outputs.items():
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+    assert bench_lora_ops.bytes_moved(1, 1, 4096, [8], 2) == 155680  # the reference CSV's first row
+
+
+def test_gpu_sweep_covers_the_issue_shapes():
+    shapes = bench_lora_ops.gpu_shapes(quick=False)
+    decode = {(s["T"], s["L"], s["r"]) for s in shapes if s["phase"] == "decode" and not s["mixed"]}
+    assert (64, 64, 64) in decode and (1, 1, 8) in decode and (256, 8, 16) in decode
+    prefill = {(s["T"], s["L"]) for s in shapes if s["phase"] == "prefill" and not s["mixed"]}
+    assert prefill == {(T, L) for T in (1024, 4096, 16384) for L in (1, 4, 16)}
+    assert any(s["mixed"] for s in shapes)

@@ -89,5 +89,5 @@ def test_forcing_an_unknown_or_unavailable_backend_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match="LORA_FAST_BACKEND='nope'"):
         lora_fast.lora_delta(**good())
     monkeypatch.setenv("LORA_FAST_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="backend 'cuda' cannot run on cpu tensors"):
+    with pytest.raises(ValueError, match="backend .cuda. cannot run on cpu"):
         lora_fast.lora_delta(**good())

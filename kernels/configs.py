@@ -1,0 +1,54 @@
+"""Launch configurations as data: a JSON table per GPU (plus a default), looked up per call.
+
+Each kernel has a list of entries; the first whose bounds hold (``max_tokens``, ``max_rank``,
+``max_d``; a missing bound always holds) is used. Nothing is autotuned at run time.
+``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ._common import INTERPRETED
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ENV_VAR = "LORA_FAST_TRITON_CONFIG"
+
+
+def device_key(device: torch.device) -> str:
+    """File stem for a device: the GPU's name (``NVIDIA_H100_80GB_HBM3``) or ``interpreter``."""
+    if device.type != "cuda" or INTERPRETED:
+        return "interpreter"
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+
+
+@functools.cache
+def _table(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def table_path(device: torch.device) -> Path:
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    specific = CONFIG_DIR / f"{device_key(device)}.json"
+    return specific if specific.is_file() else CONFIG_DIR / "default.json"
+
+
+def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict:
+    """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d."""
+    entries = _table(str(table_path(device)))[kernel]
+    for entry in entries:
+        when = entry.get("when", {})
+        if (
+            num_tokens <= when.get("max_tokens", num_tokens)
+            and rank <= when.get("max_rank", rank)
+            and d <= when.get("max_d", d)
+        ):
+            return dict(entry["config"])
+    raise ValueError(f"{table_path(device)}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")

@@ -1,0 +1,180 @@
+"""Multi-adapter LoRA delta ``out[i] += scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)``.
+
+Small batches (decode) use one fused launch: each program owns (a block of slot-sorted
+positions, a block of outputs), computes the rank-k intermediate of its tokens itself and
+expands it straight into its outputs, so the intermediate never leaves registers. Every output
+block recomputes the shrink of the same tokens; for a few tokens that costs less than a second
+launch. Larger batches run the split-K shrink into float32 partial planes, then the expand.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from .configs import lookup
+from .lora_expand import lora_expand_
+from .lora_shrink import lora_shrink_partials
+
+
+@triton.jit
+def _lora_delta_fused_kernel(
+    x_ptr,
+    A_ptr,
+    B_ptr,
+    out_ptr,
+    scales_ptr,
+    token_order_ptr,
+    token_slots_ptr,
+    ranks_ptr,
+    num_tokens,
+    num_slots,
+    d_in,
+    d_out,
+    r_max,
+    stride_x_row,
+    stride_out_row,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = positions < num_tokens
+    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
+    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < d_out
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
+
+    slot = first_slot(slots, num_slots)
+    while slot < num_slots:
+        rows = slots == slot
+        rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
+        scale = tl.load(scales_ptr + slot)
+        a_slot = A_ptr + slot * r_max * d_in
+        b_slot = B_ptr + slot * d_out * r_max
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            cols = r0 + offs_r
+            col_ok = cols < rank
+            t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, d_in, BLOCK_K):
+                ks = k0 + offs_k
+                k_ok = ks < d_in
+                x_tile = tl.load(
+                    x_ptr + tokens[:, None] * stride_x_row + ks[None, :],
+                    mask=rows[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                a_tile = tl.load(
+                    a_slot + cols[None, :] * d_in + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None],
+                    other=0.0,
+                )
+                t_tile += dot(x_tile, a_tile, UPCAST, IEEE)
+            b_tile = tl.load(
+                b_slot + outs[None, :] * r_max + cols[:, None],
+                mask=out_ok[None, :] & col_ok[:, None],
+                other=0.0,
+            )
+            acc += dot(t_tile.to(b_tile.dtype), b_tile, UPCAST, IEEE)
+        mask = rows[:, None] & out_ok[None, :]
+        current = tl.load(out_tile_ptr, mask=mask, other=0.0)
+        updated = current.to(tl.float32) + acc * scale
+        tl.store(out_tile_ptr, updated.to(current.dtype), mask=mask)
+        slot = next_slot(slots, slot, num_slots)
+
+
+def lora_delta_fused_(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None,
+    out: torch.Tensor,
+    config: dict,
+) -> None:
+    """The one-launch delta (see the module docstring), added into ``out`` in place."""
+    num_tokens, d_in = x.shape
+    num_slots, r_max, _ = A.shape
+    d_out = B.shape[1]
+    config = dict(config)
+    block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
+    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), triton.cdiv(d_out, config["BLOCK_N"]))
+    _lora_delta_fused_kernel[grid](
+        x,
+        A,
+        B,
+        out,
+        scales,
+        token_order,
+        token_slots,
+        ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
+        num_tokens,
+        num_slots,
+        d_in,
+        d_out,
+        r_max,
+        x.stride(0),
+        out.stride(0),
+        HAS_RANKS=ranks is not None,
+        BLOCK_R=block_r,
+        UPCAST=INTERPRETED,
+        IEEE=x.dtype == torch.float32,
+        **config,
+    )
+
+
+def lora_delta_(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None,
+    out: torch.Tensor,
+    fused: bool | None = None,
+    configs: dict | None = None,
+) -> None:
+    """Adds the LoRA delta of every token into ``out [T, d_out]`` in place.
+
+    ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` contiguous; ``ranks`` int64
+    or None. ``fused`` None picks by the config table (fused up to its ``max_tokens``);
+    ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters.
+    """
+    check_dtype(x, "x")
+    num_tokens, d_in = x.shape
+    r_max, d_out = A.shape[1], B.shape[1]
+    if num_tokens == 0 or r_max == 0 or d_out == 0:
+        return
+    configs = configs or {}
+    if fused is None:
+        fused_config = configs.get("fused") or _fused_config(x.device, num_tokens, r_max, d_in)
+        fused = fused_config is not None
+    else:
+        fused_config = configs.get("fused") or lookup("fused", x.device, 1, r_max, d_in)
+    if fused:
+        lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config)
+        return
+    partials = lora_shrink_partials(x, A, token_order, token_slots, ranks, configs.get("shrink"))
+    lora_expand_(partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"))
+
+
+def _fused_config(device: torch.device, num_tokens: int, r_max: int, d_in: int) -> dict | None:
+    try:
+        return lookup("fused", device, num_tokens, r_max, d_in)
+    except ValueError:  # no fused entry covers this many tokens
+        return None

@@ -1,0 +1,131 @@
+"""Multi-adapter LoRA expand: ``out[i] += scales[a_i] * B[a_i][:, :k] @ t[i, :k]``.
+
+One program per (block of BLOCK_M slot-sorted positions, block of BLOCK_N outputs), walking the
+distinct slots of its block as the shrink does. ``t`` may arrive as split-K partial planes
+``[SPLIT_K, T, r_max]``, summed here while loading, so shrink + expand need no reduction launch.
+The output tile is read, updated in fp32 and written once per slot: no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from .configs import lookup
+
+
+@triton.jit
+def _lora_expand_kernel(
+    t_ptr,
+    B_ptr,
+    out_ptr,
+    scales_ptr,
+    token_order_ptr,
+    token_slots_ptr,
+    ranks_ptr,
+    num_tokens,
+    num_slots,
+    d_out,
+    r_max,
+    stride_t_split,
+    stride_t_row,
+    stride_out_row,
+    HAS_RANKS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = positions < num_tokens
+    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
+    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < d_out
+    offs_r = tl.arange(0, BLOCK_R)
+    out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
+
+    slot = first_slot(slots, num_slots)
+    while slot < num_slots:
+        rows = slots == slot
+        rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
+        scale = tl.load(scales_ptr + slot)
+        b_slot = B_ptr + slot * d_out * r_max
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            cols = r0 + offs_r
+            col_ok = cols < rank
+            t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for split in range(SPLIT_K):
+                t_tile += tl.load(
+                    t_ptr + split * stride_t_split + tokens[:, None] * stride_t_row + cols[None, :],
+                    mask=rows[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+            b_tile = tl.load(
+                b_slot + outs[None, :] * r_max + cols[:, None],
+                mask=out_ok[None, :] & col_ok[:, None],
+                other=0.0,
+            )
+            acc += dot(t_tile.to(b_tile.dtype), b_tile, UPCAST, IEEE)
+        mask = rows[:, None] & out_ok[None, :]
+        current = tl.load(out_tile_ptr, mask=mask, other=0.0)
+        updated = current.to(tl.float32) + acc * scale
+        tl.store(out_tile_ptr, updated.to(current.dtype), mask=mask)
+        slot = next_slot(slots, slot, num_slots)
+
+
+def lora_expand_(
+    t: torch.Tensor,
+    B: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None,
+    out: torch.Tensor,
+    config: dict | None = None,
+) -> None:
+    """Adds the expand into ``out [T, d_out]`` (unit inner stride) in place.
+
+    ``t`` is ``[T, r_max]`` or split-K partials ``[SPLIT_K, T, r_max]`` (any float dtype, unit
+    inner stride), ``B [S, d_out, r_max]`` contiguous, ``scales [S]`` float32.
+    """
+    check_dtype(B, "B")
+    partials = t if t.dim() == 3 else t.unsqueeze(0)
+    split_k, num_tokens, r_max = partials.shape
+    num_slots, d_out, _ = B.shape
+    if num_tokens == 0 or d_out == 0 or r_max == 0:
+        return
+    if config is None:
+        config = lookup("expand", out.device, num_tokens, r_max, d_out)
+    config = dict(config)
+    block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
+    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), triton.cdiv(d_out, config["BLOCK_N"]))
+    _lora_expand_kernel[grid](
+        partials,
+        B,
+        out,
+        scales,
+        token_order,
+        token_slots,
+        ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
+        num_tokens,
+        num_slots,
+        d_out,
+        r_max,
+        partials.stride(0),
+        partials.stride(1),
+        out.stride(0),
+        HAS_RANKS=ranks is not None,
+        SPLIT_K=split_k,
+        BLOCK_R=block_r,
+        UPCAST=INTERPRETED,
+        IEEE=B.dtype == torch.float32,
+        **config,
+    )

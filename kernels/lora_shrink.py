@@ -1,0 +1,145 @@
+"""Multi-adapter LoRA shrink: ``t[i, :k] = A[a_i, :k] @ x_i`` for tokens grouped by slot.
+
+One program per (block of BLOCK_M positions of the slot-sorted token order, split of d_in). A
+block holds the tokens of one slot or, at segment boundaries and in decode batches, of several:
+the program walks the distinct slots present and runs a masked tile for each, so every token's
+row of x and every slot's A rows are read once per program and no program sits idle waiting for
+a slot that is not there. Split-K partials go to separate planes of a float32 buffer and are
+summed by the reader: no atomics, the same bits on every run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from .configs import lookup
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,
+    A_ptr,
+    t_ptr,
+    token_order_ptr,
+    token_slots_ptr,
+    ranks_ptr,
+    num_tokens,
+    num_slots,
+    d_in,
+    r_max,
+    stride_x_row,
+    stride_t_split,
+    stride_t_row,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = positions < num_tokens
+    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
+    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+
+    k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_split * k_per_split
+    k_end = tl.minimum(d_in, k_begin + k_per_split)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    t_rows = t_ptr + pid_split * stride_t_split + tokens[:, None] * stride_t_row
+
+    slot = first_slot(slots, num_slots)
+    while slot < num_slots:
+        rows = slots == slot
+        rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
+        a_slot = A_ptr + slot * r_max * d_in
+        for r0 in range(0, rank, BLOCK_R):
+            cols = r0 + offs_r
+            col_ok = cols < rank
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                ks = k0 + offs_k
+                k_ok = ks < k_end
+                x_tile = tl.load(
+                    x_ptr + tokens[:, None] * stride_x_row + ks[None, :],
+                    mask=rows[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                a_tile = tl.load(
+                    a_slot + cols[None, :] * d_in + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None],
+                    other=0.0,
+                )
+                acc += dot(x_tile, a_tile, UPCAST, IEEE)
+            tl.store(t_rows + cols[None, :], acc, mask=rows[:, None] & col_ok[None, :])
+        slot = next_slot(slots, slot, num_slots)
+
+
+def lora_shrink_partials(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor | None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Split-K partial products ``[SPLIT_K, T, r_max]`` (float32) whose sum over dim 0 is t.
+
+    Entries the shrink does not own (columns past a slot's rank, tokens without a slot) are
+    zero. ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` contiguous, metadata as
+    in lora_fast.AdapterBatch, ``ranks`` int64 or None.
+    """
+    check_dtype(x, "x")
+    num_tokens, d_in = x.shape
+    num_slots, r_max, _ = A.shape
+    if config is None:
+        config = lookup("shrink", x.device, num_tokens, r_max, d_in)
+    config = dict(config)
+    split_k = config.pop("SPLIT_K")
+    block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
+    partials = torch.zeros((split_k, num_tokens, r_max), dtype=torch.float32, device=x.device)
+    if num_tokens == 0 or r_max == 0:
+        return partials
+    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), split_k)
+    _lora_shrink_kernel[grid](
+        x,
+        A,
+        partials,
+        token_order,
+        token_slots,
+        ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
+        num_tokens,
+        num_slots,
+        d_in,
+        r_max,
+        x.stride(0),
+        partials.stride(0),
+        partials.stride(1),
+        HAS_RANKS=ranks is not None,
+        BLOCK_R=block_r,
+        SPLIT_K=split_k,
+        UPCAST=INTERPRETED,
+        IEEE=x.dtype == torch.float32,
+        **config,
+    )
+    return partials
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor | None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``t [T, r_max]`` float32: the shrink of every token (zero where it owns nothing)."""
+    partials = lora_shrink_partials(x, A, token_order, token_slots, ranks, config)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)

@@ -1,0 +1,211 @@
+"""Triton kernels against the reference: on a GPU when present, else in the CPU interpreter."""
+
+import pytest
+import torch
+
+import lora_fast
+from lora_fast import reference
+
+from .helpers import assert_close, random_case
+
+kernels = pytest.importorskip("lora_fast.kernels")
+if not kernels.AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [
+    # T, S, d_in, d_out, r_max
+    (1, 1, 64, 48, 8),
+    (5, 3, 33, 70, 4),
+    (37, 5, 53, 41, 8),
+    (70, 4, 40, 65, 40),  # rank above one 32-column pass of the interpreter config
+]
+# Small blocks and an uneven split so the K loop, the split planes and the rank passes all iterate.
+SMALL = {
+    "fused": {
+        "BLOCK_M": 16,
+        "BLOCK_N": 32,
+        "BLOCK_K": 16,
+        "MAX_BLOCK_R": 16,
+        "num_warps": 4,
+        "num_stages": 1,
+    },
+    "shrink": {
+        "BLOCK_M": 16,
+        "BLOCK_K": 16,
+        "SPLIT_K": 3,
+        "MAX_BLOCK_R": 16,
+        "num_warps": 4,
+        "num_stages": 1,
+    },
+    "expand": {"BLOCK_M": 16, "BLOCK_N": 32, "MAX_BLOCK_R": 16, "num_warps": 4, "num_stages": 1},
+}
+
+
+def expected(c, start=None):
+    delta = reference.lora_delta(
+        c["x"].double(), c["A"].double(), c["B"].double(), c["batch"], c["scales"], c["ranks"]
+    )
+    return delta if start is None else start.double() + delta
+
+
+def magnitude(c):
+    return float(expected(c).abs().max()) if c["x"].shape[0] else 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
+def test_delta_kernels_match_reference(dtype, shape, fused):
+    c = random_case(*shape, dtype=dtype, device=DEVICE)
+    start = (torch.randn(shape[0], shape[3], device=DEVICE) * 3).to(dtype)
+    out = start.clone()
+    b = c["batch"]
+    kernels.lora_delta_(
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        fused=fused,
+        configs=SMALL,
+    )
+    assert_close(out, expected(c, start), dtype, magnitude=magnitude(c) + 3)
+    untouched = c["ids"] < 0
+    assert torch.equal(out[untouched], start[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_ops_on_the_triton_backend(dtype):
+    c = random_case(45, 6, 72, 56, 16, dtype=dtype, device=DEVICE)
+    args = (c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+    with lora_fast.use_backend("triton"):
+        delta = lora_fast.lora_delta(*args)
+        t = lora_fast.lora_shrink(c["x"], c["A"], c["batch"], c["ranks"])
+        out = torch.zeros(45, 56, dtype=dtype, device=DEVICE)
+        lora_fast.lora_expand(t, c["B"], c["batch"], c["scales"], out, c["ranks"])
+    assert_close(delta, expected(c), dtype)
+    assert_close(out, expected(c), dtype)
+    expected_t = reference.lora_shrink(c["x"].double(), c["A"].double(), c["batch"], c["ranks"])
+    assert t.dtype == torch.float32
+    assert_close(t, expected_t, torch.float32 if dtype == torch.float32 else dtype)
+
+
+def test_shrink_owns_nothing_past_the_rank_and_expand_never_reads_it():
+    c = random_case(40, 4, 48, 24, 16, dtype=torch.float32, device=DEVICE)
+    b = c["batch"]
+    t = kernels.lora_shrink(c["x"], c["A"], b.token_order, b.token_slots, c["ranks"], config=SMALL["shrink"])
+    k = torch.where(c["ids"] >= 0, c["ranks"][c["ids"].clamp(min=0)], 0)
+    beyond = torch.arange(16, device=DEVICE)[None, :] >= k[:, None]
+    assert (t[beyond] == 0).all()
+    t[beyond] = float("nan")
+    for slot, rank in enumerate(c["ranks"].tolist()):
+        c["B"][slot, :, rank:] = float("nan")
+    out = torch.zeros(40, 24, device=DEVICE)
+    kernels.lora_expand_(
+        t, c["B"], b.token_order, b.token_slots, c["scales"], c["ranks"], out, SMALL["expand"]
+    )
+    c["B"] = c["B"].nan_to_num(0.0)
+    assert_close(out, expected(c), torch.float32)
+
+
+def test_weights_past_the_rank_are_never_read_by_the_fused_kernel():
+    c = random_case(20, 3, 40, 30, 16, dtype=torch.float16, device=DEVICE)
+    for slot, rank in enumerate(c["ranks"].tolist()):
+        c["A"][slot, rank:] = float("nan")
+        c["B"][slot, :, rank:] = float("nan")
+    out = torch.zeros(20, 30, dtype=torch.float16, device=DEVICE)
+    b = c["batch"]
+    kernels.lora_delta_(
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        fused=True,
+        configs=SMALL,
+    )
+    c["A"], c["B"] = c["A"].nan_to_num(0.0), c["B"].nan_to_num(0.0)
+    assert_close(out, expected(c), torch.float16)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
+def test_edge_batches(fused):
+    empty = random_case(0, 2, 16, 16, 4, dtype=torch.float32, device=DEVICE)
+    none = random_case(20, 3, 16, 24, 4, dtype=torch.float32, device=DEVICE, ids=torch.full((20,), -1))
+    for c in (empty, none):
+        out = torch.randn(c["x"].shape[0], c["B"].shape[1], device=DEVICE)
+        start = out.clone()
+        b = c["batch"]
+        kernels.lora_delta_(
+            c["x"],
+            c["A"],
+            c["B"],
+            b.token_order,
+            b.token_slots,
+            c["scales"],
+            None,
+            out,
+            fused=fused,
+            configs=SMALL,
+        )
+        assert torch.equal(out, start)
+
+
+def test_results_are_bitwise_repeatable_and_order_independent():
+    c = random_case(64, 5, 64, 48, 16, dtype=torch.bfloat16, device=DEVICE)
+    order = torch.randperm(64, device=DEVICE)
+    shuffled = lora_fast.AdapterBatch(c["ids"][order], 5)
+    runs = []
+    for batch, x in ((c["batch"], c["x"]), (c["batch"], c["x"]), (shuffled, c["x"][order])):
+        out = torch.zeros(64, 48, dtype=torch.bfloat16, device=DEVICE)
+        kernels.lora_delta_(
+            x,
+            c["A"],
+            c["B"],
+            batch.token_order,
+            batch.token_slots,
+            c["scales"],
+            c["ranks"],
+            out,
+            fused=False,
+            configs=SMALL,
+        )
+        runs.append(out)
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0][order], runs[2])
+
+
+def test_non_contiguous_inputs_through_the_op():
+    c = random_case(33, 4, 24, 18, 8, dtype=torch.float32, device=DEVICE)
+    x = c["x"].t().contiguous().t()
+    out = torch.zeros(18, 33, device=DEVICE).t()
+    with lora_fast.use_backend("triton"):
+        lora_fast.lora_delta(x, c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=out)
+    assert_close(out, expected(c), torch.float32)
+
+
+def test_float64_is_not_offered_to_triton():
+    c = random_case(4, 2, 16, 16, 4, dtype=torch.float64, device=DEVICE)
+    assert "triton" not in lora_fast.backends.available(DEVICE, torch.float64)
+    with lora_fast.use_backend("triton"), pytest.raises(ValueError, match="backend 'triton' cannot run"):
+        lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"])
+
+
+def test_config_table_lookup():
+    from lora_fast.kernels import configs
+
+    device = torch.device(DEVICE)
+    for kernel in ("shrink", "expand"):
+        for T in (1, 64, 5000, 10**6):
+            config = configs.lookup(kernel, device, T, 16, 4096)
+            assert config["BLOCK_M"] >= 16 and config["MAX_BLOCK_R"] >= 16
+    default = configs._table(str(configs.CONFIG_DIR / "default.json"))
+    assert default["fused"][0]["when"]["max_tokens"] >= 1
