@@ -41,6 +41,7 @@ def extension():
 setup(
     packages=find_packages(include=["lora_fast", "lora_fast.*"]) + ["lora_fast.kernels"],
     package_dir={"lora_fast.kernels": "kernels"},
+    package_data={"lora_fast.kernels": ["configs/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
