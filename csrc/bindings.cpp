@@ -23,6 +23,10 @@ TORCH_LIBRARY(lora_fast_C, m) {
   m.def(
       "lora_delta_(Tensor x, Tensor A, Tensor B, Tensor token_order, Tensor segment_starts, "
       "Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor(a!) out) -> ()");
+  m.def(
+      "lora_delta_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor token_order, "
+      "Tensor segment_starts, Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor? grad_slots, "
+      "bool needs_x, bool needs_A, bool needs_B) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

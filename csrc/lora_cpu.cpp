@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -100,9 +101,31 @@ void run_parallel(const Problem<scalar_t, acc_t>& p, const std::vector<WorkItem>
   });
 }
 
+template <typename scalar_t, typename acc_t>
+void run_weight_grads_parallel(const WeightGradProblem<scalar_t, acc_t>& p, const std::vector<WeightGradItem>& items) {
+  const Isa isa = pick_isa();
+  const WeightGradItem* data = items.data();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    switch (isa) {
+#ifdef LF_HAVE_X86_VARIANTS
+      case Isa::kAvx512:
+        avx512::run_weight_grad_items<scalar_t, acc_t>(p, data + begin, end - begin);
+        break;
+      case Isa::kAvx2:
+        avx2::run_weight_grad_items<scalar_t, acc_t>(p, data + begin, end - begin);
+        break;
+#endif
+      default:
+        baseline::run_weight_grad_items<scalar_t, acc_t>(p, data + begin, end - begin);
+    }
+  });
+}
+
 // Metadata checks are cheap (O(T + S)) and keep a malformed call from reading out of bounds.
 struct Metadata {
   std::vector<int64_t> ranks;
+  std::vector<int64_t> starts;   // per slot, position in token_order
+  std::vector<int64_t> lengths;  // per slot
   std::vector<WorkItem> items;
   at::Tensor token_order;  // int64, contiguous
 };
@@ -141,6 +164,8 @@ Metadata prepare(int64_t num_tokens, int64_t num_slots, int64_t r_max, const at:
 
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
+  meta.starts.assign(sp, sp + num_slots);
+  meta.lengths.assign(lp, lp + num_slots);
   for (int64_t s = 0; s < num_slots; ++s) {
     TORCH_CHECK_VALUE(sp[s] >= 0 && lp[s] >= 0 && sp[s] + lp[s] <= num_tokens, "segment ", s,
                       " [", sp[s], ", ", sp[s] + lp[s], ") lies outside the ", num_tokens, " tokens");
@@ -275,10 +300,126 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
+    const at::Tensor& token_order, const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+    const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& grad_slots,
+    bool needs_x, bool needs_A, bool needs_B) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
+                        B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
+                    "lora_delta_backward expects x [T, d_in], A [S, r_max, d_in], B [S, d_out, r_max]");
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == B_in.size(1),
+                    "grad_out must be [T, d_out]");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == A_in.scalar_type() && x_in.scalar_type() == B_in.scalar_type(),
+                   "x, A and B must share a dtype");
+  const at::Tensor x = row_major(x_in);
+  const at::Tensor grad_out = row_major(grad_out_in.to(x_in.scalar_type()));
+  const at::Tensor A = A_in.contiguous();
+  const at::Tensor B = B_in.contiguous();
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1), d_in = A.size(2), d_out = B.size(1);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
+  Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  std::vector<bool> trains(S, true);
+  if (grad_slots.has_value()) {
+    TORCH_CHECK_VALUE(grad_slots->dim() == 1 && grad_slots->size(0) == S, "grad_slots must have one entry per slot");
+    const auto mask = grad_slots->to(at::kBool).contiguous();
+    for (int64_t s = 0; s < S; ++s) trains[s] = mask.const_data_ptr<bool>()[s];
+  }
+  std::vector<WorkItem> grad_items;
+  for (const WorkItem& item : meta.items)
+    if (trains[item.slot]) grad_items.push_back(item);
+
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dx = needs_x ? at::zeros_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dA = needs_A ? at::zeros_like(A) : at::empty({0}, x.options());
+  at::Tensor dB = needs_B ? at::zeros_like(B) : at::empty({0}, x.options());
+  const bool weights = (needs_A || needs_B) && !grad_items.empty();
+  if (meta.items.empty() || (!needs_x && !weights)) return {dx, dA, dB};
+  at::Tensor u = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
+  at::Tensor t = needs_B && weights ? at::zeros({T, r_max}, x.options().dtype(acc_dtype)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_delta_backward_cpu", [&] {
+    using acc_t = acc_type_for<scalar_t>;
+    const int64_t* ranks_ptr = meta.ranks.data();
+    const int64_t* order = meta.token_order.const_data_ptr<int64_t>();
+    // u = B^T dy per token (kept for dA), and dx = scale * A^T u
+    Problem<scalar_t, acc_t> back;
+    back.x = grad_out.const_data_ptr<scalar_t>();
+    back.x_row_stride = grad_out.stride(0);
+    back.A = A.const_data_ptr<scalar_t>();
+    back.B = B.const_data_ptr<scalar_t>();
+    back.scales = scales.const_data_ptr<float>();
+    back.ranks = ranks_ptr;
+    back.token_order = order;
+    back.t = u.mutable_data_ptr<acc_t>();
+    back.t_row_stride = u.stride(0);
+    back.out = needs_x ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    back.out_row_stride = needs_x ? dx.stride(0) : 0;
+    back.r_max = r_max;
+    back.d_in = d_in;
+    back.d_out = d_out;
+    if (needs_x || (needs_A && weights))
+      run_parallel<scalar_t, acc_t, Mode::kBackwardX>(back, needs_x ? meta.items : grad_items);
+    if (!weights) return;
+
+    WeightGradProblem<scalar_t, acc_t> g;
+    g.scales = scales.const_data_ptr<float>();
+    g.ranks = ranks_ptr;
+    g.token_order = order;
+    g.r_max = r_max;
+    auto column_items = [&](int64_t width) {
+      std::vector<WeightGradItem> items;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!trains[s] || meta.lengths[s] == 0 || meta.ranks[s] == 0) continue;
+        for (int64_t c = 0; c < width; c += kWeightGradColumns)
+          items.push_back({s, meta.starts[s], meta.lengths[s], c, std::min(width, c + kWeightGradColumns)});
+      }
+      return items;
+    };
+    if (needs_A) {
+      g.coef = u.const_data_ptr<acc_t>();
+      g.coef_row_stride = u.stride(0);
+      g.rows = x.const_data_ptr<scalar_t>();
+      g.row_stride = x.stride(0);
+      g.grad = dA.mutable_data_ptr<scalar_t>();
+      g.grad_slot_stride = r_max * d_in;
+      g.grad_row_stride = d_in;
+      g.transposed_out = false;
+      run_weight_grads_parallel<scalar_t, acc_t>(g, column_items(d_in));
+    }
+    if (needs_B) {
+      Problem<scalar_t, acc_t> fwd;
+      fwd.x = x.const_data_ptr<scalar_t>();
+      fwd.x_row_stride = x.stride(0);
+      fwd.A = A.const_data_ptr<scalar_t>();
+      fwd.ranks = ranks_ptr;
+      fwd.token_order = order;
+      fwd.t = t.mutable_data_ptr<acc_t>();
+      fwd.t_row_stride = t.stride(0);
+      fwd.r_max = r_max;
+      fwd.d_in = d_in;
+      fwd.d_out = d_out;
+      run_parallel<scalar_t, acc_t, Mode::kShrink>(fwd, grad_items);
+      g.coef = t.const_data_ptr<acc_t>();
+      g.coef_row_stride = t.stride(0);
+      g.rows = grad_out.const_data_ptr<scalar_t>();
+      g.row_stride = grad_out.stride(0);
+      g.grad = dB.mutable_data_ptr<scalar_t>();
+      g.grad_slot_stride = d_out * r_max;
+      g.grad_row_stride = r_max;
+      g.transposed_out = true;
+      run_weight_grads_parallel<scalar_t, acc_t>(g, column_items(d_out));
+    }
+  });
+  return {dx, dA, dB};
+}
+
 TORCH_LIBRARY_IMPL(lora_fast_C, CPU, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_expand_", &lora_expand_);
   m.impl("lora_delta_", &lora_delta_);
+  m.impl("lora_delta_backward", &lora_delta_backward);
 }
 
 }  // namespace cpu

@@ -112,54 +112,78 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
   }
 }
 
+// Transposes the first k columns of a slot's [rows, r_max] block into dst [k][rows] (acc_t), in
+// blocks of rows so the block stays in L1 while each of the k rows of dst is written contiguously.
+template <typename scalar_t, typename acc_t>
+inline void transpose_rank_columns(const scalar_t* src, int64_t rows, int64_t r_max, int64_t k, acc_t* dst) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t n0 = 0; n0 < rows; n0 += kBlock) {
+    const int64_t n1 = std::min(rows, n0 + kBlock);
+    for (int64_t j = 0; j < k; ++j) {
+      acc_t* out = dst + j * rows;
+      for (int64_t n = n0; n < n1; ++n) out[n] = static_cast<acc_t>(src[n * r_max + j]);
+    }
+  }
+}
+
 // One run of work items (each: up to kChunkTokens tokens of one slot, in adapter-sorted order).
-// Mode picks the op: shrink writes t, expand reads t, delta does both and never stores t.
+// Per token: a shrink with k weight rows, then an expand with k transposed weight rows.
+//   kShrink:    t = A x                      (stores t, no expand)
+//   kExpand:    out += scale * B t_in        (no shrink)
+//   kDelta:     out += scale * B (A x)
+//   kBackwardX: u = B^T dy, dx += scale * A^T u (x = dy, out = dx; stores u when p.t is set,
+//               skips the expand when p.out is null)
 template <typename scalar_t, typename acc_t, Mode mode>
 void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t num_items) {
   constexpr int TM = LF_TOKENS_PER_TILE;
   constexpr bool convert = !std::is_same<scalar_t, acc_t>::value;
-  const bool need_a = mode != Mode::kExpand;
-  const bool need_b = mode != Mode::kShrink;
+  constexpr bool transposed = mode == Mode::kBackwardX;
+  constexpr bool has_shrink = mode != Mode::kExpand;
+  const bool has_expand = mode != Mode::kShrink && p.out != nullptr;
+  const int64_t in_width = transposed ? p.d_out : p.d_in;
+  const int64_t out_width = transposed ? p.d_in : p.d_out;
+  // Weights the token loop reads, as [k][width] rows in acc_t: used in place when already so,
+  // else prepared per slot into per-thread scratch.
+  const bool a_in_place = !convert && !transposed;
+  const bool bt_in_place = !convert && transposed;
 
-  // Per-thread scratch, reused across items: slot weights in acc_t (B transposed to [k, d_out] so
-  // the expand reads contiguous output rows), converted token rows, and the rank-k intermediate.
-  std::vector<acc_t> a_buf(convert && need_a ? p.r_max * p.d_in : 0);
-  std::vector<acc_t> bt_buf(need_b ? p.r_max * p.d_out : 0);
-  std::vector<acc_t> x_buf(convert && need_a ? TM * p.d_in : 0);
-  std::vector<acc_t> y_buf(convert && need_b ? TM * p.d_out : 0);
+  std::vector<acc_t> a_buf(has_shrink && !a_in_place ? p.r_max * in_width : 0);
+  std::vector<acc_t> bt_buf(has_expand && !bt_in_place ? p.r_max * out_width : 0);
+  std::vector<acc_t> x_buf(convert && has_shrink ? TM * in_width : 0);
+  std::vector<acc_t> y_buf(convert && has_expand ? TM * out_width : 0);
   acc_t t_buf[TM * kMaxTileRank];
   int64_t loaded_slot = -1;
+  const acc_t* a = nullptr;
+  const acc_t* bt = nullptr;
 
   for (int64_t it = 0; it < num_items; ++it) {
     const WorkItem& item = items[it];
     const int64_t slot = item.slot;
     const int64_t k = p.ranks[slot];
     const acc_t scale = static_cast<acc_t>(p.scales ? p.scales[slot] : 1.0f);
-    const scalar_t* a_slot = p.A ? p.A + slot * p.r_max * p.d_in : nullptr;
-    const acc_t* a = nullptr;
-    if (need_a) {
-      if constexpr (convert) {
-        a = a_buf.data();
-      } else {
-        a = a_slot;
-      }
-    }
     if (slot != loaded_slot) {
-      if constexpr (convert) {
-        if (need_a)
+      const scalar_t* a_slot = p.A ? p.A + slot * p.r_max * p.d_in : nullptr;
+      const scalar_t* b_slot = p.B ? p.B + slot * p.d_out * p.r_max : nullptr;
+      if (has_shrink) {
+        if constexpr (transposed) {
+          transpose_rank_columns(b_slot, p.d_out, p.r_max, k, a_buf.data());
+          a = a_buf.data();
+        } else if constexpr (convert) {
           for (int64_t q = 0; q < k * p.d_in; ++q) a_buf[q] = static_cast<acc_t>(a_slot[q]);
+          a = a_buf.data();
+        } else {
+          a = a_slot;
+        }
       }
-      if (need_b) {
-        // Transpose in blocks of output rows: the block's rows of B stay in L1 while each of the
-        // k rows of bt is written contiguously.
-        constexpr int64_t kBlock = 64;
-        const scalar_t* b_slot = p.B + slot * p.d_out * p.r_max;
-        for (int64_t n0 = 0; n0 < p.d_out; n0 += kBlock) {
-          const int64_t n1 = std::min(p.d_out, n0 + kBlock);
-          for (int64_t j = 0; j < k; ++j) {
-            acc_t* dst = bt_buf.data() + j * p.d_out;
-            for (int64_t n = n0; n < n1; ++n) dst[n] = static_cast<acc_t>(b_slot[n * p.r_max + j]);
-          }
+      if (has_expand) {
+        if constexpr (!transposed) {
+          transpose_rank_columns(b_slot, p.d_out, p.r_max, k, bt_buf.data());
+          bt = bt_buf.data();
+        } else if constexpr (convert) {
+          for (int64_t q = 0; q < k * p.d_in; ++q) bt_buf[q] = static_cast<acc_t>(a_slot[q]);
+          bt = bt_buf.data();
+        } else {
+          bt = a_slot;
         }
       }
       loaded_slot = slot;
@@ -172,65 +196,151 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
       // stack; each piece is shrunk and immediately expanded.
       for (int64_t j0 = 0; j0 < k; j0 += kMaxTileRank) {
         const int64_t kj = std::min<int64_t>(kMaxTileRank, k - j0);
-        if constexpr (mode != Mode::kExpand) {
+        if constexpr (has_shrink) {
           const acc_t* x_rows[TM];
           for (int i = 0; i < m; ++i) {
             const scalar_t* row = p.x + tokens[i] * p.x_row_stride;
             if constexpr (convert) {
               if (j0 == 0)
-                for (int64_t c = 0; c < p.d_in; ++c) x_buf[i * p.d_in + c] = static_cast<acc_t>(row[c]);
-              x_rows[i] = x_buf.data() + i * p.d_in;
+                for (int64_t c = 0; c < in_width; ++c) x_buf[i * in_width + c] = static_cast<acc_t>(row[c]);
+              x_rows[i] = x_buf.data() + i * in_width;
             } else {
               x_rows[i] = row;
             }
           }
-          const acc_t* a_piece = a + j0 * p.d_in;
+          const acc_t* a_piece = a + j0 * in_width;
           switch (m) {
-            case 4: shrink_tokens<acc_t, 4>(x_rows, a_piece, kj, p.d_in, t_buf, kMaxTileRank); break;
-            case 3: shrink_tokens<acc_t, 3>(x_rows, a_piece, kj, p.d_in, t_buf, kMaxTileRank); break;
-            case 2: shrink_tokens<acc_t, 2>(x_rows, a_piece, kj, p.d_in, t_buf, kMaxTileRank); break;
-            default: shrink_tokens<acc_t, 1>(x_rows, a_piece, kj, p.d_in, t_buf, kMaxTileRank); break;
+            case 4: shrink_tokens<acc_t, 4>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
+            case 3: shrink_tokens<acc_t, 3>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
+            case 2: shrink_tokens<acc_t, 2>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
+            default: shrink_tokens<acc_t, 1>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
           }
-          if constexpr (mode == Mode::kShrink) {
+          if (p.t != nullptr)
             for (int i = 0; i < m; ++i)
               for (int64_t j = 0; j < kj; ++j) p.t[tokens[i] * p.t_row_stride + j0 + j] = t_buf[i * kMaxTileRank + j];
-            continue;
-          }
         } else {
           for (int i = 0; i < m; ++i)
             for (int64_t j = 0; j < kj; ++j)
               t_buf[i * kMaxTileRank + j] = static_cast<acc_t>(p.t_in[tokens[i] * p.t_row_stride + j0 + j]);
         }
-        if constexpr (mode != Mode::kShrink) {
-          for (int i = 0; i < m; ++i)
-            for (int64_t j = 0; j < kj; ++j) t_buf[i * kMaxTileRank + j] *= scale;
-          acc_t* y_rows[TM];
-          for (int i = 0; i < m; ++i) {
-            if constexpr (convert) {
-              y_rows[i] = y_buf.data() + i * p.d_out;
-              if (j0 == 0) std::fill(y_rows[i], y_rows[i] + p.d_out, acc_t(0));
-            } else {
-              y_rows[i] = p.out + tokens[i] * p.out_row_stride;
-            }
-          }
-          const acc_t* bt = bt_buf.data() + j0 * p.d_out;
-          switch (m) {
-            case 4: expand_tokens<acc_t, 4>(t_buf, kMaxTileRank, bt, kj, p.d_out, y_rows); break;
-            case 3: expand_tokens<acc_t, 3>(t_buf, kMaxTileRank, bt, kj, p.d_out, y_rows); break;
-            case 2: expand_tokens<acc_t, 2>(t_buf, kMaxTileRank, bt, kj, p.d_out, y_rows); break;
-            default: expand_tokens<acc_t, 1>(t_buf, kMaxTileRank, bt, kj, p.d_out, y_rows); break;
+        if (!has_expand) continue;
+        for (int i = 0; i < m; ++i)
+          for (int64_t j = 0; j < kj; ++j) t_buf[i * kMaxTileRank + j] *= scale;
+        acc_t* y_rows[TM];
+        for (int i = 0; i < m; ++i) {
+          if constexpr (convert) {
+            y_rows[i] = y_buf.data() + i * out_width;
+            if (j0 == 0) std::fill(y_rows[i], y_rows[i] + out_width, acc_t(0));
+          } else {
+            y_rows[i] = p.out + tokens[i] * p.out_row_stride;
           }
         }
+        const acc_t* bt_piece = bt + j0 * out_width;
+        switch (m) {
+          case 4: expand_tokens<acc_t, 4>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
+          case 3: expand_tokens<acc_t, 3>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
+          case 2: expand_tokens<acc_t, 2>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
+          default: expand_tokens<acc_t, 1>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
+        }
       }
-      if constexpr (convert && mode != Mode::kShrink) {
-        // Round once: out = scalar_t(out + delta), the delta kept in acc_t until here.
-        for (int i = 0; i < m; ++i) {
-          scalar_t* row = p.out + tokens[i] * p.out_row_stride;
-          const acc_t* y = y_buf.data() + i * p.d_out;
-          for (int64_t n = 0; n < p.d_out; ++n)
-            row[n] = static_cast<scalar_t>(static_cast<acc_t>(row[n]) + y[n]);
+      if constexpr (convert) {
+        if (has_expand) {
+          // Round once: out = scalar_t(out + delta), the delta kept in acc_t until here.
+          for (int i = 0; i < m; ++i) {
+            scalar_t* row = p.out + tokens[i] * p.out_row_stride;
+            const acc_t* y = y_buf.data() + i * out_width;
+            for (int64_t n = 0; n < out_width; ++n) row[n] = static_cast<scalar_t>(static_cast<acc_t>(row[n]) + y[n]);
+          }
         }
       }
     }
+  }
+}
+
+// g[j][c] += sum_i coef_i[j] * row_i[c] for j < J (J rows of g, ld = ldg), c < width.
+template <typename acc_t, int J>
+inline void outer_accumulate(const acc_t* const* coef, const acc_t* const* rows, int64_t count, int64_t width,
+                             acc_t* g, int64_t ldg) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  constexpr int NV = LF_EXPAND_NV;
+  int64_t c = 0;
+  for (; c + NV * W <= width; c += NV * W) {
+    V acc[J][NV];
+    for (int j = 0; j < J; ++j)
+      for (int v = 0; v < NV; ++v) acc[j][v] = S::load(g + j * ldg + c + v * W);
+    for (int64_t i = 0; i < count; ++i) {
+      V r[NV];
+      for (int v = 0; v < NV; ++v) r[v] = S::load(rows[i] + c + v * W);
+      for (int j = 0; j < J; ++j) {
+        const V cv = V{} + coef[i][j];
+        for (int v = 0; v < NV; ++v) acc[j][v] += cv * r[v];
+      }
+    }
+    for (int j = 0; j < J; ++j)
+      for (int v = 0; v < NV; ++v) S::store(g + j * ldg + c + v * W, acc[j][v]);
+  }
+  for (; c < width; ++c)
+    for (int j = 0; j < J; ++j) {
+      acc_t s = g[j * ldg + c];
+      for (int64_t i = 0; i < count; ++i) s += coef[i][j] * rows[i][c];
+      g[j * ldg + c] = s;
+    }
+}
+
+// Weight gradients, one item per (slot, block of columns): for the slot's tokens i,
+//   g[j][c] = scale * sum_i coef[i][j] * rows[i][c]
+// written to dA[slot][j][c] (coef = u, rows = x) or, transposed, to dB[slot][c][j]
+// (coef = t, rows = dy). Each item owns its block of the output: no atomics, a fixed order.
+template <typename scalar_t, typename acc_t>
+void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const WeightGradItem* items,
+                           int64_t num_items) {
+  constexpr bool convert = !std::is_same<scalar_t, acc_t>::value;
+  constexpr int64_t kTokensPerPass = 64;
+  constexpr int J = LF_TOKENS_PER_TILE;
+  std::vector<acc_t> g(p.r_max * kWeightGradColumns);
+  std::vector<acc_t> row_buf(convert ? kTokensPerPass * kWeightGradColumns : 0);
+  const acc_t* coef[kTokensPerPass];
+  const acc_t* rows[kTokensPerPass];
+
+  for (int64_t it = 0; it < num_items; ++it) {
+    const WeightGradItem& item = items[it];
+    const int64_t k = p.ranks[item.slot];
+    const int64_t width = item.column_end - item.column_begin;
+    std::fill(g.begin(), g.begin() + k * width, acc_t(0));
+    for (int64_t first = 0; first < item.count; first += kTokensPerPass) {
+      const int64_t count = std::min(kTokensPerPass, item.count - first);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t token = p.token_order[item.begin + first + i];
+        coef[i] = p.coef + token * p.coef_row_stride;
+        const scalar_t* row = p.rows + token * p.row_stride + item.column_begin;
+        if constexpr (convert) {
+          for (int64_t c = 0; c < width; ++c) row_buf[i * width + c] = static_cast<acc_t>(row[c]);
+          rows[i] = row_buf.data() + i * width;
+        } else {
+          rows[i] = row;
+        }
+      }
+      int64_t j = 0;
+      const acc_t* shifted[kTokensPerPass];
+      for (; j < k; j += J) {
+        for (int64_t i = 0; i < count; ++i) shifted[i] = coef[i] + j;
+        switch (std::min<int64_t>(J, k - j)) {
+          case 4: outer_accumulate<acc_t, 4>(shifted, rows, count, width, g.data() + j * width, width); break;
+          case 3: outer_accumulate<acc_t, 3>(shifted, rows, count, width, g.data() + j * width, width); break;
+          case 2: outer_accumulate<acc_t, 2>(shifted, rows, count, width, g.data() + j * width, width); break;
+          default: outer_accumulate<acc_t, 1>(shifted, rows, count, width, g.data() + j * width, width); break;
+        }
+      }
+    }
+    const acc_t scale = static_cast<acc_t>(p.scales[item.slot]);
+    scalar_t* out = p.grad + item.slot * p.grad_slot_stride;
+    for (int64_t jj = 0; jj < k; ++jj)
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t col = item.column_begin + c;
+        const int64_t index = p.transposed_out ? col * p.r_max + jj : jj * p.grad_row_stride + col;
+        out[index] = static_cast<scalar_t>(scale * g[jj * width + c]);
+      }
   }
 }

@@ -7,7 +7,7 @@
 namespace lora_fast {
 namespace cpu {
 
-enum class Mode { kShrink, kExpand, kDelta };
+enum class Mode { kShrink, kExpand, kDelta, kBackwardX };
 
 // Tokens per register tile: the shrink reuses each loaded A vector this many times, the expand
 // each loaded B vector.
@@ -41,6 +41,35 @@ struct Problem {
   int64_t r_max = 0;
   int64_t d_in = 0;
   int64_t d_out = 0;
+};
+
+// Columns of a weight gradient one work item owns; its [k, columns] accumulator stays in L2.
+constexpr int64_t kWeightGradColumns = 256;
+
+struct WeightGradItem {
+  int64_t slot;
+  int64_t begin;  // first position of the slot's segment in token_order
+  int64_t count;  // tokens in the segment
+  int64_t column_begin;
+  int64_t column_end;
+};
+
+// g[slot][j][c] = scale * sum over the slot's tokens of coef[token][j] * rows[token][c], written
+// to grad[slot][j][c] (dA) or, with transposed_out, to grad[slot][c][j] (dB).
+template <typename scalar_t, typename acc_t>
+struct WeightGradProblem {
+  const acc_t* coef = nullptr;  // [T, r_max]: u for dA, t for dB
+  int64_t coef_row_stride = 0;
+  const scalar_t* rows = nullptr;  // [T, width]: x for dA, dy for dB
+  int64_t row_stride = 0;
+  scalar_t* grad = nullptr;
+  int64_t grad_slot_stride = 0;
+  int64_t grad_row_stride = 0;
+  bool transposed_out = false;
+  const float* scales = nullptr;
+  const int64_t* ranks = nullptr;
+  const int64_t* token_order = nullptr;
+  int64_t r_max = 0;
 };
 
 }  // namespace cpu

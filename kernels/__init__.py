@@ -13,12 +13,14 @@ else:
     AVAILABLE = True
     from ._common import SUPPORTED_DTYPES
     from .lora_delta import lora_delta_, lora_delta_fused_
+    from .lora_delta_backward import lora_delta_backward
     from .lora_expand import lora_expand_
     from .lora_shrink import lora_shrink, lora_shrink_partials
 
     __all__ = [
         "SUPPORTED_DTYPES",
         "lora_delta_",
+        "lora_delta_backward",
         "lora_delta_fused_",
         "lora_expand_",
         "lora_shrink",

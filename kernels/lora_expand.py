@@ -29,6 +29,9 @@ def _lora_expand_kernel(
     num_slots,
     d_out,
     r_max,
+    stride_b_slot,
+    stride_b_out,
+    stride_b_rank,
     stride_t_split,
     stride_t_row,
     stride_out_row,
@@ -56,7 +59,7 @@ def _lora_expand_kernel(
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
         scale = tl.load(scales_ptr + slot)
-        b_slot = B_ptr + slot * d_out * r_max
+        b_slot = B_ptr + slot * stride_b_slot
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             cols = r0 + offs_r
@@ -69,7 +72,7 @@ def _lora_expand_kernel(
                     other=0.0,
                 ).to(tl.float32)
             b_tile = tl.load(
-                b_slot + outs[None, :] * r_max + cols[:, None],
+                b_slot + outs[None, :] * stride_b_out + cols[:, None] * stride_b_rank,
                 mask=out_ok[None, :] & col_ok[:, None],
                 other=0.0,
             )
@@ -94,7 +97,8 @@ def lora_expand_(
     """Adds the expand into ``out [T, d_out]`` (unit inner stride) in place.
 
     ``t`` is ``[T, r_max]`` or split-K partials ``[SPLIT_K, T, r_max]`` (any float dtype, unit
-    inner stride), ``B [S, d_out, r_max]`` contiguous, ``scales [S]`` float32.
+    inner stride), ``B [S, d_out, r_max]`` (any strides; the backward passes ``A`` transposed),
+    ``scales [S]`` float32.
     """
     check_dtype(B, "B")
     partials = t if t.dim() == 3 else t.unsqueeze(0)
@@ -119,6 +123,7 @@ def lora_expand_(
         num_slots,
         d_out,
         r_max,
+        *B.stride(),
         partials.stride(0),
         partials.stride(1),
         out.stride(0),

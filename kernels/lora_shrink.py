@@ -31,6 +31,9 @@ def _lora_shrink_kernel(
     d_in,
     r_max,
     stride_x_row,
+    stride_a_slot,
+    stride_a_rank,
+    stride_a_col,
     stride_t_split,
     stride_t_row,
     HAS_RANKS: tl.constexpr,
@@ -59,7 +62,7 @@ def _lora_shrink_kernel(
     while slot < num_slots:
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
-        a_slot = A_ptr + slot * r_max * d_in
+        a_slot = A_ptr + slot * stride_a_slot
         for r0 in range(0, rank, BLOCK_R):
             cols = r0 + offs_r
             col_ok = cols < rank
@@ -73,7 +76,7 @@ def _lora_shrink_kernel(
                     other=0.0,
                 )
                 a_tile = tl.load(
-                    a_slot + cols[None, :] * d_in + ks[:, None],
+                    a_slot + cols[None, :] * stride_a_rank + ks[:, None] * stride_a_col,
                     mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0,
                 )
@@ -93,8 +96,8 @@ def lora_shrink_partials(
     """Split-K partial products ``[SPLIT_K, T, r_max]`` (float32) whose sum over dim 0 is t.
 
     Entries the shrink does not own (columns past a slot's rank, tokens without a slot) are
-    zero. ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` contiguous, metadata as
-    in lora_fast.AdapterBatch, ``ranks`` int64 or None.
+    zero. ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` (any strides; the
+    backward passes ``B`` transposed), metadata as in lora_fast.AdapterBatch, ``ranks`` int64 or None.
     """
     check_dtype(x, "x")
     num_tokens, d_in = x.shape
@@ -120,6 +123,7 @@ def lora_shrink_partials(
         d_in,
         r_max,
         x.stride(0),
+        *A.stride(),
         partials.stride(0),
         partials.stride(1),
         HAS_RANKS=ranks is not None,

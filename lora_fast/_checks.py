@@ -73,6 +73,16 @@ def ranks(value: object, num_slots: int, r_max: int) -> torch.Tensor | None:
     return value
 
 
+def grad_slots(value: object, num_slots: int) -> torch.Tensor | None:
+    if value is None:
+        return None
+    value = tensor(value, "grad_slots", 1)
+    if value.dtype != torch.bool:
+        raise TypeError(f"grad_slots must be a bool tensor, got {value.dtype}")
+    dim_size(value, "grad_slots", 0, num_slots, "num_slots")
+    return value
+
+
 def no_overlap(out: torch.Tensor, name: str, inputs: dict[str, torch.Tensor]) -> None:
     if torch.compiler.is_compiling() or out.numel() == 0:
         return

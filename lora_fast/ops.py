@@ -12,9 +12,12 @@ import torch
 
 from . import _checks as check
 from . import reference
-from .backends import select
+from .backends import available, select
 from .batch import AdapterBatch
 from .reference import accumulation_dtype
+
+# Backends with backward kernels; the cuda backend's gradients run on the next of these.
+BACKWARD_BACKENDS = ("torch", "cpu", "triton")
 
 Tensor = torch.Tensor
 
@@ -139,16 +142,87 @@ def _delta_functional_impl(
     segment_lengths: Tensor,
     scales: Tensor,
     ranks: Tensor | None,
+    grad_slots: Tensor | None,
 ) -> Tensor:
+    # grad_slots only matters to the backward: it names the slots whose weights get gradients.
     out = torch.zeros((x.shape[0], B.shape[1]), dtype=x.dtype, device=x.device)
     _delta_impl(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out)
     return out
+
+
+def _backward_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The forward's backend when it has backward kernels, else the next one that does."""
+    preferred = select(device, dtype)
+    if preferred in BACKWARD_BACKENDS:
+        return preferred
+    return next(b for b in available(device, dtype) if b in BACKWARD_BACKENDS)
+
+
+def _delta_backward_impl(
+    grad_out: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    grad_slots: Tensor | None,
+    needs_x: bool,
+    needs_A: bool,
+    needs_B: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    needs = (needs_x, needs_A, needs_B)
+    backend = _backward_backend(x.device, x.dtype)
+    if backend == "torch":
+        batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
+        grads = reference.lora_delta_backward(grad_out, x, A, B, batch, scales, ranks, grad_slots, needs)
+    elif backend == "triton":
+        grads = _triton().lora_delta_backward(
+            _unit_stride_rows(grad_out),
+            _unit_stride_rows(x),
+            A.contiguous(),
+            B.contiguous(),
+            token_order,
+            token_slots,
+            segment_starts,
+            segment_lengths,
+            scales,
+            _int64(ranks),
+            grad_slots,
+            needs,
+        )
+    else:
+        grads = _compiled().lora_delta_backward(
+            grad_out,
+            x,
+            A,
+            B,
+            token_order,
+            segment_starts,
+            segment_lengths,
+            scales,
+            _int64(ranks),
+            grad_slots,
+            needs_x,
+            needs_A,
+            needs_B,
+        )
+    # custom ops cannot return None: an unneeded gradient travels as an empty tensor
+    return tuple(
+        g if g is not None and need else x.new_empty(0) for g, need in zip(grads, needs, strict=True)
+    )
 
 
 _lora_shrink = torch.library.custom_op("lora_fast::lora_shrink", _shrink_impl, mutates_args=())
 _lora_expand_ = torch.library.custom_op("lora_fast::lora_expand_", _expand_impl, mutates_args=("out",))
 _lora_delta_ = torch.library.custom_op("lora_fast::lora_delta_", _delta_impl, mutates_args=("out",))
 _lora_delta = torch.library.custom_op("lora_fast::lora_delta", _delta_functional_impl, mutates_args=())
+_lora_delta_backward = torch.library.custom_op(
+    "lora_fast::lora_delta_backward", _delta_backward_impl, mutates_args=()
+)
 
 
 @_lora_shrink.register_fake
@@ -167,8 +241,49 @@ def _(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales
 
 
 @_lora_delta.register_fake
-def _(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks):
+def _(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots):
     return x.new_empty((x.shape[0], B.shape[1]))
+
+
+@_lora_delta_backward.register_fake
+def _(
+    grad_out,
+    x,
+    A,
+    B,
+    token_slots,
+    token_order,
+    segment_starts,
+    segment_lengths,
+    scales,
+    ranks,
+    grad_slots,
+    needs_x,
+    needs_A,
+    needs_B,
+):
+    return tuple(
+        t.new_empty(t.shape) if need else t.new_empty(0)
+        for t, need in ((x, needs_x), (A, needs_A), (B, needs_B))
+    )
+
+
+def _setup_delta_context(ctx, inputs, output):
+    x, A, B, *metadata, scales, ranks, grad_slots = inputs
+    ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots)
+
+
+def _delta_backward(ctx, grad_out):
+    x, A, B, *metadata, scales, ranks, grad_slots = ctx.saved_tensors
+    needs_x, needs_A, needs_B = ctx.needs_input_grad[:3]
+    dx, dA, dB = torch.ops.lora_fast.lora_delta_backward(
+        grad_out, x, A, B, *metadata, scales, ranks, grad_slots, needs_x, needs_A, needs_B
+    )
+    grads = (dx if needs_x else None, dA if needs_A else None, dB if needs_B else None)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_lora_delta.register_autograd(_delta_backward, setup_context=_setup_delta_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +299,7 @@ def _eager_direct(*tensors: Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(*tensors):
         return False
     return all(type(t) is torch.Tensor and t.device.type != "meta" for t in tensors)
 
@@ -267,6 +382,7 @@ def lora_delta(
     scales: Tensor,
     ranks: Tensor | None = None,
     out: Tensor | None = None,
+    grad_slots: Tensor | None = None,
 ) -> Tensor:
     """The multi-adapter LoRA delta ``scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)`` per token.
 
@@ -274,6 +390,10 @@ def lora_delta(
     float32, ``ranks [S]`` int (default r_max for every slot). Tokens whose slot is -1 get nothing.
     With ``out [T, d_out]`` given the delta is added into it in place and ``out`` is returned;
     otherwise a new ``[T, d_out]`` tensor holding the delta is returned.
+
+    Differentiable w.r.t. x, A and B: each slot's weight gradients sum over that slot's tokens.
+    ``grad_slots [S]`` bool limits the weight gradients to the slots marked True; the others get
+    zero gradient and cost no gradient work.
     """
     batch = check.batch(batch)
     x, A = _check_x_A(x, A, batch)
@@ -281,14 +401,24 @@ def lora_delta(
     check.same_dtype(B, "B", x.dtype, "x")
     scales = check.scales(scales, batch.num_slots)
     ranks = check.ranks(ranks, batch.num_slots, A.shape[1])
-    check.same_device(batch.device, {"x": x, "A": A, "B": B, "scales": scales, "ranks": ranks})
-    direct = _eager_direct(x, A, B) if out is None else _eager_direct(x, A, B, out)
-    if out is None:
+    grad_slots = check.grad_slots(grad_slots, batch.num_slots)
+    check.same_device(
+        batch.device, {"x": x, "A": A, "B": B, "scales": scales, "ranks": ranks, "grad_slots": grad_slots}
+    )
+    if out is not None:
+        out = _check_out(out, batch.num_tokens, B.shape[1], x.dtype, "x")
+        check.same_device(batch.device, {"out": out})
+        check.no_overlap(out, "out", {"x": x, "A": A, "B": B})
+    if out is None or _needs_grad(x, A, B, out):
+        direct = _eager_direct(x, A, B)
         op = _delta_functional_impl if direct else torch.ops.lora_fast.lora_delta
-        return op(x, A, B, *batch.metadata, scales, ranks)
-    out = _check_out(out, batch.num_tokens, B.shape[1], x.dtype, "x")
-    check.same_device(batch.device, {"out": out})
-    check.no_overlap(out, "out", {"x": x, "A": A, "B": B})
-    op = _delta_impl if direct else torch.ops.lora_fast.lora_delta_
+        delta = op(x, A, B, *batch.metadata, scales, ranks, grad_slots)
+        # autograd tracks an out-of-place delta; adding it keeps out's own history intact
+        return delta if out is None else out.add_(delta)
+    op = _delta_impl if _eager_direct(x, A, B, out) else torch.ops.lora_fast.lora_delta_
     op(x, A, B, *batch.metadata, scales, ranks, out)
     return out
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -87,3 +87,50 @@ def lora_delta(
         out = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
     t = lora_shrink(x, A, batch, ranks)
     return lora_expand(t, B, batch, scales, out, ranks)
+
+
+def lora_delta_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    batch: AdapterBatch,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    grad_slots: torch.Tensor | None = None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``lora_delta``'s output w.r.t. ``(x, A, B)``; None where ``needs`` is False.
+
+    For token i with slot a, rank k, scale s, ``t_i = A[a][:k] @ x_i`` and ``u_i = B[a][:, :k]^T
+    @ grad_out_i``::
+
+        dx_i = s * A[a][:k]^T @ u_i
+        dA[a][:k] = s * sum_i u_i x_i^T        dB[a][:, :k] = s * sum_i grad_out_i t_i^T
+
+    summed over the slot's tokens. Entries past a slot's rank are zero, and so are the weight
+    gradients of slots with ``grad_slots[a] == False`` (they are not computed).
+    """
+    needs_x, needs_A, needs_B = needs
+    acc = accumulation_dtype(x.dtype)
+    r_max = A.shape[1]
+    dx = torch.zeros_like(x) if needs_x else None
+    dA = torch.zeros_like(A) if needs_A else None
+    dB = torch.zeros_like(B) if needs_B else None
+    for slot, tokens in slot_segments(batch):
+        k = _rank(ranks, slot, r_max)
+        scale = scales[slot].to(acc)
+        a = A[slot, :k].to(acc)
+        b = B[slot, :, :k].to(acc)
+        x_rows = x[tokens].to(acc)
+        grad_rows = grad_out[tokens].to(acc)
+        u = grad_rows @ b
+        if needs_x:
+            dx[tokens] = (u @ a * scale).to(x.dtype)
+        if grad_slots is not None and not bool(grad_slots[slot]):
+            continue
+        if needs_A:
+            dA[slot, :k] = (u.T @ x_rows * scale).to(A.dtype)
+        if needs_B:
+            dB[slot, :, :k] = (grad_rows.T @ (x_rows @ a.T) * scale).to(B.dtype)
+    return dx, dA, dB

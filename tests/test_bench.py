@@ -57,3 +57,14 @@ def test_gpu_sweep_covers_the_issue_shapes():
     prefill = {(s["T"], s["L"]) for s in shapes if s["phase"] == "prefill" and not s["mixed"]}
     assert prefill == {(T, L) for T in (1024, 4096, 16384) for L in (1, 4, 16)}
     assert any(s["mixed"] for s in shapes)
+
+
+def test_quick_training_benchmark(tmp_path):
+    from benchmarks import bench_lora_train
+
+    rows = bench_lora_train.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [row["L"] for row in rows] == [1, 4]
+    for row in rows:
+        assert row["max_rel_grad_error_vs_loop"] < 1e-4
+        assert row["lora_fast_us"] > 0 and row["torch_loop_us"] > 0 and row["single_adapter_us"] > 0
+    assert list(tmp_path.glob("lora_train_cpu_*_quick.json"))

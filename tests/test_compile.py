@@ -20,7 +20,30 @@ def test_opcheck_every_custom_op(backend):
             torch.ops.lora_fast.lora_expand_.default, (t, c["B"], *meta, c["scales"], c["ranks"], out)
         )
         torch.library.opcheck(
-            torch.ops.lora_fast.lora_delta.default, (c["x"], c["A"], c["B"], *meta, c["scales"], c["ranks"])
+            torch.ops.lora_fast.lora_delta.default,
+            (c["x"], c["A"], c["B"], *meta, c["scales"], c["ranks"], None),
+        )
+        # with inputs that require grad opcheck also exercises the registered autograd formula
+        grads = tuple(c[k].detach().requires_grad_() for k in ("x", "A", "B"))
+        torch.library.opcheck(
+            torch.ops.lora_fast.lora_delta.default,
+            (*grads, *meta, c["scales"], c["ranks"], torch.ones(3, dtype=torch.bool)),
+        )
+        torch.library.opcheck(
+            torch.ops.lora_fast.lora_delta_backward.default,
+            (
+                torch.randn(9, 6),
+                c["x"],
+                c["A"],
+                c["B"],
+                *meta,
+                c["scales"],
+                c["ranks"],
+                None,
+                True,
+                True,
+                False,
+            ),
         )
         torch.library.opcheck(
             torch.ops.lora_fast.lora_delta_.default, (c["x"], c["A"], c["B"], *meta, c["scales"], None, out)

@@ -1,0 +1,192 @@
+"""Backward of the multi-adapter LoRA delta, for training many adapters in one batch.
+
+For token i with slot a, rank k and scale s (``t_i = A[a][:k] x_i``, ``u_i = B[a][:, :k]^T dy_i``)::
+
+    dx_i = s * A[a][:k]^T u_i,    dA[a][:k] = s * sum_i u_i x_i^T,    dB[a][:, :k] = s * sum_i dy_i t_i^T
+
+``u`` is the forward shrink run on ``dy`` with B read transposed, ``dx`` the forward expand of ``u``
+with A read transposed: the forward kernels with other strides. The weight gradients are grouped
+GEMMs over each slot's segment of the slot-sorted order: one program per (slot, block of
+columns) walks its segment in order, so they need no atomics and repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_dtype, dot, slot_rank
+from .configs import lookup
+from .lora_expand import lora_expand_
+from .lora_shrink import lora_shrink_partials
+
+
+@triton.jit
+def _lora_weight_grad_kernel(
+    coef_ptr,
+    rows_ptr,
+    grad_ptr,
+    scales_ptr,
+    token_order_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
+    ranks_ptr,
+    grad_slots_ptr,
+    width,
+    r_max,
+    stride_coef_row,
+    stride_rows_row,
+    stride_grad_slot,
+    stride_grad_rank,
+    stride_grad_col,
+    HAS_RANKS: tl.constexpr,
+    HAS_GRAD_SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if HAS_GRAD_SLOTS:
+        if tl.load(grad_slots_ptr + slot) == 0:
+            return
+    start = tl.load(segment_starts_ptr + slot)
+    length = tl.load(segment_lengths_ptr + slot)
+    rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
+    scale = tl.load(scales_ptr + slot)
+    columns = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    column_ok = columns < width
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, rank, BLOCK_R):
+        ranks_here = r0 + offs_r
+        rank_ok = ranks_here < rank
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for m0 in range(0, length, BLOCK_M):
+            in_segment = m0 + offs_m < length
+            tokens = tl.load(token_order_ptr + start + m0 + offs_m, mask=in_segment, other=0)
+            rows = tl.load(
+                rows_ptr + tokens[:, None] * stride_rows_row + columns[None, :],
+                mask=in_segment[:, None] & column_ok[None, :],
+                other=0.0,
+            )
+            coef = tl.load(
+                coef_ptr + tokens[None, :] * stride_coef_row + ranks_here[:, None],
+                mask=rank_ok[:, None] & in_segment[None, :],
+                other=0.0,
+            )
+            acc += dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
+        grad = grad_ptr + slot * stride_grad_slot + ranks_here[:, None] * stride_grad_rank
+        grad += columns[None, :] * stride_grad_col
+        tl.store(
+            grad, (acc * scale).to(grad_ptr.dtype.element_ty), mask=rank_ok[:, None] & column_ok[None, :]
+        )
+
+
+def _weight_grad(
+    coef: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    grad_strides: tuple[int, int, int],
+    scales: torch.Tensor,
+    token_order: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_lengths: torch.Tensor,
+    ranks: torch.Tensor | None,
+    grad_slots: torch.Tensor | None,
+    config: dict,
+) -> None:
+    """grad[slot] (seen through grad_strides as [r_max, width]) = scale * coef^T rows per slot."""
+    config = dict(config)
+    num_slots = segment_starts.shape[0]
+    width, r_max = rows.shape[1], coef.shape[1]
+    block_r = max(16, min(config.pop("MAX_BLOCK_R"), triton.next_power_of_2(max(r_max, 1))))
+    grid = (num_slots, triton.cdiv(width, config["BLOCK_D"]))
+    _lora_weight_grad_kernel[grid](
+        coef,
+        rows,
+        grad,
+        scales,
+        token_order,
+        segment_starts,
+        segment_lengths,
+        ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
+        grad_slots if grad_slots is not None else token_order,
+        width,
+        r_max,
+        coef.stride(0),
+        rows.stride(0),
+        *grad_strides,
+        HAS_RANKS=ranks is not None,
+        HAS_GRAD_SLOTS=grad_slots is not None,
+        BLOCK_R=block_r,
+        UPCAST=INTERPRETED,
+        IEEE=rows.dtype == torch.float32,
+        **config,
+    )
+
+
+def lora_delta_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    token_order: torch.Tensor,
+    token_slots: torch.Tensor,
+    segment_starts: torch.Tensor,
+    segment_lengths: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None,
+    grad_slots: torch.Tensor | None,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    configs: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dA, dB)`` of lora_delta (None where ``needs`` is False).
+
+    ``grad_out [T, d_out]`` and ``x [T, d_in]`` with unit inner stride, ``A``/``B`` contiguous;
+    weight gradients only for slots with ``grad_slots`` True (all when None), zero elsewhere.
+    """
+    check_dtype(x, "x")
+    needs_x, needs_A, needs_B = needs
+    configs = configs or {}
+    num_tokens, d_in = x.shape
+    r_max, d_out = A.shape[1], B.shape[1]
+    grad_out = grad_out.to(x.dtype)
+    dx = torch.zeros_like(x) if needs_x else None
+    dA = torch.zeros_like(A) if needs_A else None
+    dB = torch.zeros_like(B) if needs_B else None
+    if num_tokens == 0 or r_max == 0:
+        return dx, dA, dB
+    mask = grad_slots.to(torch.int8) if grad_slots is not None else None
+    grad_config = configs.get("weight_grad") or lookup(
+        "weight_grad", x.device, num_tokens, r_max, max(d_in, d_out)
+    )
+    segments = (token_order, segment_starts, segment_lengths)
+
+    if needs_x or needs_A:
+        # u = B^T dy: the shrink with B read as [S, r_max, d_out]
+        u_partials = lora_shrink_partials(
+            grad_out, B.transpose(1, 2), token_order, token_slots, ranks, configs.get("shrink")
+        )
+        if needs_x:  # dx = s * A^T u: the expand with A read as [S, d_in, r_max]
+            lora_expand_(
+                u_partials,
+                A.transpose(1, 2),
+                token_order,
+                token_slots,
+                scales,
+                ranks,
+                dx,
+                configs.get("expand"),
+            )
+        if needs_A:
+            u = u_partials.sum(dim=0)
+            _weight_grad(u, x, dA, dA.stride(), scales, *segments, ranks, mask, grad_config)
+    if needs_B:
+        t = lora_shrink_partials(x, A, token_order, token_slots, ranks, configs.get("shrink")).sum(dim=0)
+        strides = (dB.stride(0), dB.stride(2), dB.stride(1))  # dB[slot] written as [r_max, d_out]
+        _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, mask, grad_config)
+    return dx, dA, dB

@@ -1,0 +1,176 @@
+"""Gradients of lora_delta: every backend against the reference, gradcheck, and mixed batches."""
+
+import pytest
+import torch
+
+import lora_fast
+from lora_fast import reference
+
+from .helpers import assert_close, random_case
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_BACKENDS = ["torch", "cpu"]
+
+
+def grads_of(c, backend, dtype, grad_out, grad_slots=None, device="cpu"):
+    x, A, B = (c[k].detach().to(device=device, dtype=dtype).requires_grad_() for k in ("x", "A", "B"))
+    batch = c["batch"].to(device)
+    with lora_fast.use_backend(backend):
+        y = lora_fast.lora_delta(
+            x,
+            A,
+            B,
+            batch,
+            c["scales"].to(device),
+            c["ranks"].to(device),
+            grad_slots=None if grad_slots is None else grad_slots.to(device),
+        )
+    y.backward(grad_out.to(device=device, dtype=dtype))
+    return x.grad, A.grad, B.grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 2, 1), (13, 3, 7, 5, 4), (29, 4, 9, 6, 70)], ids=str)
+def test_gradcheck_float64(backend, shape):
+    c = random_case(*shape)
+
+    def f(x, A, B):
+        return lora_fast.lora_delta(x, A, B, c["batch"], c["scales"], c["ranks"])
+
+    inputs = tuple(c[k].detach().requires_grad_() for k in ("x", "A", "B"))
+    with lora_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_backward_matches_reference(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", isa)
+    c = random_case(70, 5, 300, 270, 16, dtype=dtype)
+    grad_out = torch.randn(70, 270, dtype=torch.float64).to(dtype)
+    grad_slots = torch.tensor([True, False, True, True, False])
+    got = grads_of(c, "cpu", dtype, grad_out, grad_slots)
+    expected = reference.lora_delta_backward(
+        grad_out.double(),
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        c["batch"],
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_matches_reference(dtype):
+    pytest.importorskip("triton")
+    c = random_case(45, 4, 80, 56, 24, dtype=dtype)
+    grad_out = torch.randn(45, 56, dtype=torch.float64).to(dtype)
+    grad_slots = torch.tensor([True, True, False, True])
+    got = grads_of(c, "triton", dtype, grad_out, grad_slots, device=DEVICE)
+    expected = reference.lora_delta_backward(
+        grad_out.double(),
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        c["batch"],
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_batch_gradients_are_the_sum_of_per_adapter_runs(backend):
+    c = random_case(60, 4, 24, 20, 8)
+    grad_out = torch.randn(60, 20, dtype=torch.float64)
+    mixed = grads_of(c, backend, torch.float64, grad_out)
+    summed = [torch.zeros_like(g) for g in mixed]
+    for slot in range(4):
+        alone = dict(c, batch=lora_fast.AdapterBatch(torch.where(c["ids"] == slot, slot, -1), 4))
+        for total, g in zip(summed, grads_of(alone, backend, torch.float64, grad_out), strict=True):
+            total += g
+    for g, s in zip(mixed, summed, strict=True):
+        torch.testing.assert_close(g, s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_slots_past_rank_and_no_adapter_tokens_get_zero_gradient(backend):
+    c = random_case(50, 4, 16, 12, 8, none_fraction=0.3)
+    grad_slots = torch.tensor([True, False, True, False])
+    dx, dA, dB = grads_of(c, backend, torch.float64, torch.randn(50, 12, dtype=torch.float64), grad_slots)
+    assert (dA[~grad_slots] == 0).all() and (dB[~grad_slots] == 0).all()
+    assert (dx[c["ids"] < 0] == 0).all()
+    for slot, k in enumerate(c["ranks"].tolist()):
+        assert (dA[slot, k:] == 0).all() and (dB[slot, :, k:] == 0).all()
+    trained = [s for s in (0, 2) if int(c["ranks"][s]) > 0 and (c["ids"] == s).any()]
+    assert trained and all(dA[s].abs().sum() > 0 for s in trained)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_only_requested_gradients_are_computed(backend):
+    c = random_case(20, 3, 8, 6, 4)
+    A = c["A"].detach().requires_grad_()
+    with lora_fast.use_backend(backend):
+        y = lora_fast.lora_delta(c["x"], A, c["B"], c["batch"], c["scales"], c["ranks"])
+    y.sum().backward()
+    expected = reference.lora_delta_backward(
+        torch.ones_like(y), c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"]
+    )[1]
+    torch.testing.assert_close(A.grad, expected)
+
+
+def test_out_path_is_differentiable_and_keeps_out_history():
+    c = random_case(16, 3, 8, 6, 4)
+    x = c["x"].detach().requires_grad_()
+    base = torch.nn.Linear(8, 6, dtype=torch.float64)
+    y = base(x)
+    lora_fast.lora_delta(x, c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=y)
+    y.sum().backward()
+    expected = (
+        base.weight.sum(0).expand(16, 8)
+        + reference.lora_delta_backward(
+            torch.ones(16, 6, dtype=torch.float64),
+            c["x"],
+            c["A"],
+            c["B"],
+            c["batch"],
+            c["scales"],
+            c["ranks"],
+        )[0]
+    )
+    torch.testing.assert_close(x.grad, expected)
+    assert base.weight.grad is not None
+
+
+def test_compiled_training_step():
+    torch._dynamo.reset()
+    c = random_case(24, 3, 16, 12, 8, dtype=torch.float32)
+    A = c["A"].detach().requires_grad_()
+    B = c["B"].detach().requires_grad_()
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(x, A, B, batch, scales, ranks):
+        return lora_fast.lora_delta(x, A, B, batch, scales, ranks).square().sum()
+
+    loss_fn(c["x"], A, B, c["batch"], c["scales"], c["ranks"]).backward()
+    A_eager = c["A"].detach().requires_grad_()
+    B_eager = c["B"].detach().requires_grad_()
+    lora_fast.lora_delta(
+        c["x"], A_eager, B_eager, c["batch"], c["scales"], c["ranks"]
+    ).square().sum().backward()
+    assert_close(A.grad, A_eager.grad, torch.float32)
+    assert_close(B.grad, B_eager.grad, torch.float32)
+
+
+def test_grad_slots_is_validated():
+    c = random_case(4, 2, 8, 8, 2)
+    with pytest.raises(TypeError, match="grad_slots must be a bool tensor"):
+        lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], grad_slots=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"grad_slots.shape\[0\] must be num_slots"):
+        lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], grad_slots=torch.tensor([True]))
