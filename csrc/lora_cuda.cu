@@ -1,8 +1,8 @@
 // CUDA kernels for the multi-adapter LoRA shrink and expand (lora_delta = shrink into an fp32
-// workspace, then expand). One block per token position in adapter-sorted order; each block finds
-// its slot by binary search over the segment starts, so there is no host synchronisation and the
-// launches can be captured in a CUDA graph. Straightforward and correct; the tuned kernels for
-// large batches are the Triton ones.
+// workspace, then expand), and a one-launch fused delta for small batches (decode). One block
+// per token position in adapter-sorted order; each block finds its slot by binary search over the
+// segment starts, so there is no host synchronisation and the launches can be captured in a CUDA
+// graph. Straightforward and correct; the tuned kernels for large batches are the Triton ones.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,6 +15,8 @@ namespace {
 
 constexpr int kShrinkWarps = 4;
 constexpr int kExpandThreads = 256;
+constexpr int kFusedThreads = 256;
+constexpr int kFusedOutputsPerThread = 4;
 constexpr size_t kMaxSharedBytes = 48 * 1024;
 
 template <typename scalar_t>
@@ -112,6 +114,57 @@ __global__ void expand_kernel(const LoraArgs a) {
   *y = from_acc<scalar_t>(to_acc(*y) + sum);
 }
 
+// One launch for the whole delta of small batches (decode), BGMV style: block (position, output
+// tile) shrinks its token into shared memory (every output tile of a token repeats that shrink;
+// for a few tokens it is cheaper than a second launch), then expands its outputs.
+template <typename scalar_t>
+__global__ void delta_fused_kernel(const LoraArgs a) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  extern __shared__ unsigned char shared_bytes[];
+  acc_t* t_scaled = reinterpret_cast<acc_t*>(shared_bytes);
+  const int64_t p = blockIdx.x;
+  const int64_t s = slot_at(a, p);
+  if (s < 0) return;
+  const int64_t k = rank_of(a, s);
+  const int64_t token = a.token_order[p];
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
+  const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
+  const acc_t scale = static_cast<acc_t>(a.scales[s]);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  for (int64_t j = warp; j < k; j += warps) {
+    const scalar_t* row = A + j * a.d_in;
+    acc_t sum = 0;
+    for (int64_t c = lane; c < a.d_in; c += 32) sum += to_acc(x[c]) * to_acc(row[c]);
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) t_scaled[j] = sum * scale;
+  }
+  __syncthreads();
+  const scalar_t* B = static_cast<const scalar_t*>(a.B) + s * a.d_out * a.r_max;
+  scalar_t* y = static_cast<scalar_t*>(a.out) + token * a.out_row_stride;
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * blockDim.x * kFusedOutputsPerThread;
+  for (int i = 0; i < kFusedOutputsPerThread; ++i) {
+    const int64_t n = tile + i * blockDim.x + threadIdx.x;
+    if (n >= a.d_out) break;
+    const scalar_t* b_row = B + n * a.r_max;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < k; ++j) sum += t_scaled[j] * to_acc(b_row[j]);
+    y[n] = from_acc<scalar_t>(to_acc(y[n]) + sum);
+  }
+}
+
+template <typename scalar_t>
+cudaError_t delta_fused(const LoraArgs& a, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const size_t shared = static_cast<size_t>(a.r_max) * sizeof(acc_t);
+  if (shared > kMaxSharedBytes) return cudaErrorInvalidValue;
+  const int64_t per_block = static_cast<int64_t>(kFusedThreads) * kFusedOutputsPerThread;
+  const dim3 grid(static_cast<unsigned>(a.num_tokens), static_cast<unsigned>((a.d_out + per_block - 1) / per_block));
+  delta_fused_kernel<scalar_t><<<grid, kFusedThreads, shared, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename scalar_t>
 cudaError_t shrink(const LoraArgs& a, cudaStream_t stream) {
   shrink_kernel<scalar_t><<<static_cast<unsigned>(a.num_tokens), kShrinkWarps * 32, 0, stream>>>(a);
@@ -152,6 +205,18 @@ cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream) {
     case DType::kFloat16: return expand<__half>(args, stream);
     case DType::kBFloat16: return expand<__nv_bfloat16>(args, stream);
     case DType::kFloat64: return expand<double>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_lora_delta_fused(const LoraArgs& args, cudaStream_t stream) {
+  if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0 || args.d_out == 0) return cudaSuccess;
+  if (args.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat32: return delta_fused<float>(args, stream);
+    case DType::kFloat16: return delta_fused<__half>(args, stream);
+    case DType::kBFloat16: return delta_fused<__nv_bfloat16>(args, stream);
+    case DType::kFloat64: return delta_fused<double>(args, stream);
   }
   return cudaErrorInvalidValue;
 }

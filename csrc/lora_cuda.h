@@ -42,6 +42,11 @@ struct LoraArgs {
 cudaError_t launch_lora_shrink(const LoraArgs& args, cudaStream_t stream);
 // out[token] += scales[slot] * B[slot, :, :k] @ t[token, :k] for every token with a slot.
 cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream);
+// Both in one launch (no t): out[token] += scales[slot] * B[slot, :, :k] @ A[slot, :k] @ x[token].
+cudaError_t launch_lora_delta_fused(const LoraArgs& args, cudaStream_t stream);
+
+// Batches up to this many tokens take the fused launch.
+constexpr int64_t kFusedMaxTokens = 64;
 
 }  // namespace cuda
 }  // namespace lora_fast

@@ -80,8 +80,9 @@ at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& A_in, const at:
   return t;
 }
 
-void expand_into(LoraArgs a, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scales, at::Tensor& out) {
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == t.size(0) && out.size(1) == B.size(1) &&
+// Checks and fills what an expand needs besides t: B, scales and out.
+void set_expand_args(LoraArgs& a, int64_t num_tokens, const at::Tensor& B, const at::Tensor& scales, at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == num_tokens && out.size(1) == B.size(1) &&
                         (out.size(1) <= 1 || out.stride(1) == 1),
                     "out must be [T, d_out] with unit stride along d_out");
   TORCH_CHECK_TYPE(out.scalar_type() == B.scalar_type(), "out and B must share a dtype");
@@ -90,12 +91,16 @@ void expand_into(LoraArgs a, const at::Tensor& t, const at::Tensor& B, const at:
   a.dtype = dtype_of(B);
   a.B = B.const_data_ptr();
   a.scales = scales.const_data_ptr<float>();
-  a.t = const_cast<void*>(t.const_data_ptr());
-  a.t_row_stride = t.stride(0);
   a.out = out.mutable_data_ptr();
   a.out_row_stride = out.stride(0);
   a.r_max = B.size(2);
   a.d_out = B.size(1);
+}
+
+void expand_into(LoraArgs a, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scales, at::Tensor& out) {
+  set_expand_args(a, t.size(0), B, scales, out);
+  a.t = const_cast<void*>(t.const_data_ptr());
+  a.t_row_stride = t.stride(0);
   check(launch_lora_expand(a, c10::cuda::getCurrentCUDAStream()), "lora_expand");
 }
 
@@ -126,17 +131,22 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   const at::Tensor A = A_in.contiguous();
   const at::Tensor B = B_in.contiguous();
   const at::Tensor scales = scales_in.contiguous();
-  // The shrink writes every entry the expand reads (rank-k columns of tokens with a slot).
-  at::Tensor t = at::empty({x.size(0), A.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
   LoraArgs a = metadata_args(x.size(0), A.size(0), token_order, segment_starts, segment_lengths, ranks);
   a.dtype = dtype_of(x);
   a.x = x.const_data_ptr();
   a.x_row_stride = x.stride(0);
   a.A = A.const_data_ptr();
-  a.t = t.mutable_data_ptr();
-  a.t_row_stride = t.stride(0);
   a.r_max = A.size(1);
   a.d_in = A.size(2);
+  if (x.size(0) <= kFusedMaxTokens) {
+    set_expand_args(a, x.size(0), B, scales, out);
+    check(launch_lora_delta_fused(a, c10::cuda::getCurrentCUDAStream()), "lora_delta (fused)");
+    return;
+  }
+  // The shrink writes every entry the expand reads (rank-k columns of tokens with a slot).
+  at::Tensor t = at::empty({x.size(0), A.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+  a.t = t.mutable_data_ptr();
+  a.t_row_stride = t.stride(0);
   check(launch_lora_shrink(a, c10::cuda::getCurrentCUDAStream()), "lora_shrink");
   expand_into(a, t, B, scales, out);
 }
