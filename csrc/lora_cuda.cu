@@ -67,7 +67,23 @@ __device__ __forceinline__ int64_t rank_of(const LoraArgs& a, int64_t s) {
   return r < 0 ? 0 : (r > a.r_max ? a.r_max : r);
 }
 
-// Warps take rank rows in turn; lanes stride over d_in (coalesced) and reduce by shuffle.
+// dst[j] = scale * dot(A[j], x) for j < k: warps take rank rows in turn, lanes stride over d_in
+// (coalesced) and reduce by shuffle.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void shrink_token(const scalar_t* x, const scalar_t* A, int64_t d_in, int64_t k,
+                                             acc_t scale, acc_t* dst) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  for (int64_t j = warp; j < k; j += warps) {
+    const scalar_t* row = A + j * d_in;
+    acc_t sum = 0;
+    for (int64_t c = lane; c < d_in; c += 32) sum += to_acc(x[c]) * to_acc(row[c]);
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) dst[j] = sum * scale;
+  }
+}
+
 template <typename scalar_t>
 __global__ void shrink_kernel(const LoraArgs a) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -79,15 +95,7 @@ __global__ void shrink_kernel(const LoraArgs a) {
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
   const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
   acc_t* t = static_cast<acc_t*>(a.t) + token * a.t_row_stride;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  for (int64_t j = warp; j < k; j += kShrinkWarps) {
-    const scalar_t* row = A + j * a.d_in;
-    acc_t sum = 0;
-    for (int64_t c = lane; c < a.d_in; c += 32) sum += to_acc(x[c]) * to_acc(row[c]);
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) t[j] = sum;
-  }
+  shrink_token<scalar_t, acc_t>(x, A, a.d_in, k, acc_t(1), t);
 }
 
 // Block (position, output tile): the scaled rank-k row of t in shared memory, one output per thread.
@@ -129,17 +137,7 @@ __global__ void delta_fused_kernel(const LoraArgs a) {
   const int64_t token = a.token_order[p];
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
   const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
-  const acc_t scale = static_cast<acc_t>(a.scales[s]);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int warps = blockDim.x / 32;
-  for (int64_t j = warp; j < k; j += warps) {
-    const scalar_t* row = A + j * a.d_in;
-    acc_t sum = 0;
-    for (int64_t c = lane; c < a.d_in; c += 32) sum += to_acc(x[c]) * to_acc(row[c]);
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) t_scaled[j] = sum * scale;
-  }
+  shrink_token<scalar_t, acc_t>(x, A, a.d_in, k, static_cast<acc_t>(a.scales[s]), t_scaled);
   __syncthreads();
   const scalar_t* B = static_cast<const scalar_t*>(a.B) + s * a.d_out * a.r_max;
   scalar_t* y = static_cast<scalar_t*>(a.out) + token * a.out_row_stride;

@@ -18,6 +18,16 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 
 @triton.jit
+def block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M: tl.constexpr):
+    """Tokens of a block of slot-sorted positions and their slots (-1 past the end)."""
+    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = positions < num_tokens
+    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
+    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+    return tokens, slots
+
+
+@triton.jit
 def first_slot(slots, num_slots):
     """Smallest slot present in a block (num_slots when every token has none)."""
     return tl.min(tl.where(slots >= 0, slots, num_slots))
@@ -46,6 +56,74 @@ def dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def shrink_tile(
+    x_ptr,
+    tokens,
+    rows,
+    stride_x_row,
+    a_slot,
+    stride_a_rank,
+    stride_a_col,
+    cols,
+    col_ok,
+    k_begin,
+    k_end,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_R]`` fp32: x[tokens, k_begin:k_end] @ A_slot[cols, k_begin:k_end]^T on ``rows``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < k_end
+        x_tile = tl.load(
+            x_ptr + tokens[:, None] * stride_x_row + ks[None, :],
+            mask=rows[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        a_tile = tl.load(
+            a_slot + cols[None, :] * stride_a_rank + ks[:, None] * stride_a_col,
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        acc += dot(x_tile, a_tile, UPCAST, IEEE)
+    return acc
+
+
+@triton.jit
+def expand_tile(
+    t_tile,
+    b_slot,
+    outs,
+    out_ok,
+    stride_b_out,
+    stride_b_rank,
+    cols,
+    col_ok,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` fp32: t_tile @ B_slot[outs, cols]^T (t rounded to B's dtype first)."""
+    b_tile = tl.load(
+        b_slot + outs[None, :] * stride_b_out + cols[:, None] * stride_b_rank,
+        mask=out_ok[None, :] & col_ok[:, None],
+        other=0.0,
+    )
+    return dot(t_tile.to(b_tile.dtype), b_tile, UPCAST, IEEE)
+
+
+@triton.jit
+def add_scaled(out_tile_ptr, mask, acc, scale):
+    """out += scale * acc on ``mask``, in fp32, rounded once to out's dtype."""
+    current = tl.load(out_tile_ptr, mask=mask, other=0.0)
+    tl.store(out_tile_ptr, (current.to(tl.float32) + acc * scale).to(current.dtype), mask=mask)
 
 
 def check_dtype(tensor: torch.Tensor, name: str) -> None:

@@ -13,7 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from ._common import (
+    INTERPRETED,
+    add_scaled,
+    block_tokens,
+    check_dtype,
+    expand_tile,
+    first_slot,
+    next_slot,
+    rank_block,
+    shrink_tile,
+    slot_rank,
+)
 from .configs import lookup
 from .lora_expand import lora_expand_
 from .lora_shrink import lora_shrink_partials
@@ -46,13 +57,9 @@ def _lora_delta_fused_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_range = positions < num_tokens
-    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
-    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
 
@@ -60,38 +67,32 @@ def _lora_delta_fused_kernel(
     while slot < num_slots:
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
-        scale = tl.load(scales_ptr + slot)
         a_slot = A_ptr + slot * r_max * d_in
         b_slot = B_ptr + slot * d_out * r_max
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             cols = r0 + offs_r
             col_ok = cols < rank
-            t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, d_in, BLOCK_K):
-                ks = k0 + offs_k
-                k_ok = ks < d_in
-                x_tile = tl.load(
-                    x_ptr + tokens[:, None] * stride_x_row + ks[None, :],
-                    mask=rows[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                a_tile = tl.load(
-                    a_slot + cols[None, :] * d_in + ks[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None],
-                    other=0.0,
-                )
-                t_tile += dot(x_tile, a_tile, UPCAST, IEEE)
-            b_tile = tl.load(
-                b_slot + outs[None, :] * r_max + cols[:, None],
-                mask=out_ok[None, :] & col_ok[:, None],
-                other=0.0,
+            t_tile = shrink_tile(
+                x_ptr,
+                tokens,
+                rows,
+                stride_x_row,
+                a_slot,
+                d_in,
+                1,
+                cols,
+                col_ok,
+                0,
+                d_in,
+                BLOCK_M,
+                BLOCK_K,
+                BLOCK_R,
+                UPCAST,
+                IEEE,
             )
-            acc += dot(t_tile.to(b_tile.dtype), b_tile, UPCAST, IEEE)
-        mask = rows[:, None] & out_ok[None, :]
-        current = tl.load(out_tile_ptr, mask=mask, other=0.0)
-        updated = current.to(tl.float32) + acc * scale
-        tl.store(out_tile_ptr, updated.to(current.dtype), mask=mask)
+            acc += expand_tile(t_tile, b_slot, outs, out_ok, r_max, 1, cols, col_ok, UPCAST, IEEE)
+        add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, tl.load(scales_ptr + slot))
         slot = next_slot(slots, slot, num_slots)
 
 

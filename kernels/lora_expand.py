@@ -12,7 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from ._common import (
+    INTERPRETED,
+    add_scaled,
+    block_tokens,
+    check_dtype,
+    expand_tile,
+    first_slot,
+    next_slot,
+    rank_block,
+    slot_rank,
+)
 from .configs import lookup
 
 
@@ -45,10 +55,7 @@ def _lora_expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_range = positions < num_tokens
-    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
-    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
+    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -58,7 +65,6 @@ def _lora_expand_kernel(
     while slot < num_slots:
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
-        scale = tl.load(scales_ptr + slot)
         b_slot = B_ptr + slot * stride_b_slot
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
@@ -71,16 +77,10 @@ def _lora_expand_kernel(
                     mask=rows[:, None] & col_ok[None, :],
                     other=0.0,
                 ).to(tl.float32)
-            b_tile = tl.load(
-                b_slot + outs[None, :] * stride_b_out + cols[:, None] * stride_b_rank,
-                mask=out_ok[None, :] & col_ok[:, None],
-                other=0.0,
+            acc += expand_tile(
+                t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
             )
-            acc += dot(t_tile.to(b_tile.dtype), b_tile, UPCAST, IEEE)
-        mask = rows[:, None] & out_ok[None, :]
-        current = tl.load(out_tile_ptr, mask=mask, other=0.0)
-        updated = current.to(tl.float32) + acc * scale
-        tl.store(out_tile_ptr, updated.to(current.dtype), mask=mask)
+        add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, tl.load(scales_ptr + slot))
         slot = next_slot(slots, slot, num_slots)
 
 

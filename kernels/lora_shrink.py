@@ -14,7 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dtype, dot, first_slot, next_slot, rank_block, slot_rank
+from ._common import (
+    INTERPRETED,
+    block_tokens,
+    check_dtype,
+    first_slot,
+    next_slot,
+    rank_block,
+    shrink_tile,
+    slot_rank,
+)
 from .configs import lookup
 
 
@@ -46,15 +55,10 @@ def _lora_shrink_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
-    positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_range = positions < num_tokens
-    tokens = tl.load(token_order_ptr + positions, mask=in_range, other=0)
-    slots = tl.load(token_slots_ptr + tokens, mask=in_range, other=-1)
-
+    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_split * k_per_split
     k_end = tl.minimum(d_in, k_begin + k_per_split)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     t_rows = t_ptr + pid_split * stride_t_split + tokens[:, None] * stride_t_row
 
@@ -66,21 +70,24 @@ def _lora_shrink_kernel(
         for r0 in range(0, rank, BLOCK_R):
             cols = r0 + offs_r
             col_ok = cols < rank
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(k_begin, k_end, BLOCK_K):
-                ks = k0 + offs_k
-                k_ok = ks < k_end
-                x_tile = tl.load(
-                    x_ptr + tokens[:, None] * stride_x_row + ks[None, :],
-                    mask=rows[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                a_tile = tl.load(
-                    a_slot + cols[None, :] * stride_a_rank + ks[:, None] * stride_a_col,
-                    mask=col_ok[None, :] & k_ok[:, None],
-                    other=0.0,
-                )
-                acc += dot(x_tile, a_tile, UPCAST, IEEE)
+            acc = shrink_tile(
+                x_ptr,
+                tokens,
+                rows,
+                stride_x_row,
+                a_slot,
+                stride_a_rank,
+                stride_a_col,
+                cols,
+                col_ok,
+                k_begin,
+                k_end,
+                BLOCK_M,
+                BLOCK_K,
+                BLOCK_R,
+                UPCAST,
+                IEEE,
+            )
             tl.store(t_rows + cols[None, :], acc, mask=rows[:, None] & col_ok[None, :])
         slot = next_slot(slots, slot, num_slots)
 

@@ -1,9 +1,11 @@
-"""The public op surface: multi-adapter LoRA shrink, expand and delta.
+"""The public op surface: multi-adapter LoRA shrink, expand and delta, and the delta's backward.
 
 Each public function checks its arguments (ValueError / TypeError naming the argument) and calls a
 ``torch.library`` custom op (``torch.ops.lora_fast.*``) that has a fake implementation, so
-``torch.compile(fullgraph=True)`` traces through it. The custom op runs the backend that
-``lora_fast.backends.select`` picks for the tensors' device. Semantics: ``lora_fast.reference``.
+``torch.compile(fullgraph=True)`` traces through it; ``lora_fast::lora_delta`` has a registered
+autograd formula. The custom op runs the backend that ``lora_fast.backends.select`` picks for the
+tensors' device and dtype. Plain eager calls that need no gradient skip the dispatcher and call
+the same backend directly. Semantics: ``lora_fast.reference``.
 """
 
 from __future__ import annotations

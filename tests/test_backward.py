@@ -42,14 +42,10 @@ def test_gradcheck_float64(backend, shape):
         assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_backward_matches_reference(monkeypatch, isa, dtype):
-    monkeypatch.setenv("LORA_FAST_CPU_ISA", isa)
-    c = random_case(70, 5, 300, 270, 16, dtype=dtype)
-    grad_out = torch.randn(70, 270, dtype=torch.float64).to(dtype)
-    grad_slots = torch.tensor([True, False, True, True, False])
-    got = grads_of(c, "cpu", dtype, grad_out, grad_slots)
+def check_against_reference(backend, dtype, shape, grad_slots, device="cpu"):
+    c = random_case(*shape, dtype=dtype)
+    grad_out = torch.randn(shape[0], shape[3], dtype=torch.float64).to(dtype)
+    got = grads_of(c, backend, dtype, grad_out, grad_slots, device=device)
     expected = reference.lora_delta_backward(
         grad_out.double(),
         c["x"].double(),
@@ -62,27 +58,23 @@ def test_cpu_backward_matches_reference(monkeypatch, isa, dtype):
     )
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_backward_matches_reference(monkeypatch, isa, dtype):
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", isa)
+    check_against_reference(
+        "cpu", dtype, (70, 5, 300, 270, 16), torch.tensor([True, False, True, True, False])
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_backward_matches_reference(dtype):
     pytest.importorskip("triton")
-    c = random_case(45, 4, 80, 56, 24, dtype=dtype)
-    grad_out = torch.randn(45, 56, dtype=torch.float64).to(dtype)
-    grad_slots = torch.tensor([True, True, False, True])
-    got = grads_of(c, "triton", dtype, grad_out, grad_slots, device=DEVICE)
-    expected = reference.lora_delta_backward(
-        grad_out.double(),
-        c["x"].double(),
-        c["A"].double(),
-        c["B"].double(),
-        c["batch"],
-        c["scales"],
-        c["ranks"],
-        grad_slots,
+    check_against_reference(
+        "triton", dtype, (45, 4, 80, 56, 24), torch.tensor([True, True, False, True]), DEVICE
     )
-    for g, e in zip(got, expected, strict=True):
-        assert_close(g, e, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
