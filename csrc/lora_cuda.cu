@@ -67,6 +67,22 @@ __device__ __forceinline__ int64_t rank_of(const LoraArgs& a, int64_t s) {
   return r < 0 ? 0 : (r > a.r_max ? a.r_max : r);
 }
 
+// What a block works on: the token at a sorted position, its slot and the slot's rank.
+struct TokenWork {
+  int64_t token;
+  int64_t slot;
+  int64_t rank;
+};
+
+// False for a position of the no-adapter prefix (the block has nothing to do).
+__device__ __forceinline__ bool locate(const LoraArgs& a, int64_t p, TokenWork& work) {
+  work.slot = slot_at(a, p);
+  if (work.slot < 0) return false;
+  work.rank = rank_of(a, work.slot);
+  work.token = a.token_order[p];
+  return true;
+}
+
 // dst[j] = scale * dot(A[j], x) for j < k: warps take rank rows in turn, lanes stride over d_in
 // (coalesced) and reduce by shuffle.
 template <typename scalar_t, typename acc_t>
@@ -84,18 +100,30 @@ __device__ __forceinline__ void shrink_token(const scalar_t* x, const scalar_t* 
   }
 }
 
+// y[n] += sum_j t_scaled[j] * B[n][j] for this thread's kPerThread outputs of the block's tile.
+template <typename scalar_t, typename acc_t, int kPerThread>
+__device__ __forceinline__ void expand_token(const scalar_t* B, const acc_t* t_scaled, int64_t k, int64_t r_max,
+                                             int64_t d_out, scalar_t* y) {
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * blockDim.x * kPerThread;
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t n = tile + i * blockDim.x + threadIdx.x;
+    if (n >= d_out) return;
+    const scalar_t* b_row = B + n * r_max;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < k; ++j) sum += t_scaled[j] * to_acc(b_row[j]);
+    y[n] = from_acc<scalar_t>(to_acc(y[n]) + sum);
+  }
+}
+
 template <typename scalar_t>
 __global__ void shrink_kernel(const LoraArgs a) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t p = blockIdx.x;
-  const int64_t s = slot_at(a, p);
-  if (s < 0) return;
-  const int64_t k = rank_of(a, s);
-  const int64_t token = a.token_order[p];
-  const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
-  const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
-  acc_t* t = static_cast<acc_t*>(a.t) + token * a.t_row_stride;
-  shrink_token<scalar_t, acc_t>(x, A, a.d_in, k, acc_t(1), t);
+  TokenWork w;
+  if (!locate(a, blockIdx.x, w)) return;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + w.token * a.x_row_stride;
+  const scalar_t* A = static_cast<const scalar_t*>(a.A) + w.slot * a.r_max * a.d_in;
+  acc_t* t = static_cast<acc_t*>(a.t) + w.token * a.t_row_stride;
+  shrink_token<scalar_t, acc_t>(x, A, a.d_in, w.rank, acc_t(1), t);
 }
 
 // Block (position, output tile): the scaled rank-k row of t in shared memory, one output per thread.
@@ -104,22 +132,15 @@ __global__ void expand_kernel(const LoraArgs a) {
   using acc_t = typename AccOf<scalar_t>::type;
   extern __shared__ unsigned char shared_bytes[];
   acc_t* t_scaled = reinterpret_cast<acc_t*>(shared_bytes);
-  const int64_t p = blockIdx.x;
-  const int64_t s = slot_at(a, p);
-  if (s < 0) return;
-  const int64_t k = rank_of(a, s);
-  const int64_t token = a.token_order[p];
-  const acc_t* t = static_cast<const acc_t*>(a.t) + token * a.t_row_stride;
-  const acc_t scale = static_cast<acc_t>(a.scales[s]);
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) t_scaled[j] = t[j] * scale;
+  TokenWork w;
+  if (!locate(a, blockIdx.x, w)) return;
+  const acc_t* t = static_cast<const acc_t*>(a.t) + w.token * a.t_row_stride;
+  const acc_t scale = static_cast<acc_t>(a.scales[w.slot]);
+  for (int64_t j = threadIdx.x; j < w.rank; j += blockDim.x) t_scaled[j] = t[j] * scale;
   __syncthreads();
-  const int64_t n = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (n >= a.d_out) return;
-  const scalar_t* b_row = static_cast<const scalar_t*>(a.B) + (s * a.d_out + n) * a.r_max;
-  acc_t sum = 0;
-  for (int64_t j = 0; j < k; ++j) sum += t_scaled[j] * to_acc(b_row[j]);
-  scalar_t* y = static_cast<scalar_t*>(a.out) + token * a.out_row_stride + n;
-  *y = from_acc<scalar_t>(to_acc(*y) + sum);
+  const scalar_t* B = static_cast<const scalar_t*>(a.B) + w.slot * a.d_out * a.r_max;
+  scalar_t* y = static_cast<scalar_t*>(a.out) + w.token * a.out_row_stride;
+  expand_token<scalar_t, acc_t, 1>(B, t_scaled, w.rank, a.r_max, a.d_out, y);
 }
 
 // One launch for the whole delta of small batches (decode), BGMV style: block (position, output
@@ -130,53 +151,38 @@ __global__ void delta_fused_kernel(const LoraArgs a) {
   using acc_t = typename AccOf<scalar_t>::type;
   extern __shared__ unsigned char shared_bytes[];
   acc_t* t_scaled = reinterpret_cast<acc_t*>(shared_bytes);
-  const int64_t p = blockIdx.x;
-  const int64_t s = slot_at(a, p);
-  if (s < 0) return;
-  const int64_t k = rank_of(a, s);
-  const int64_t token = a.token_order[p];
-  const scalar_t* x = static_cast<const scalar_t*>(a.x) + token * a.x_row_stride;
-  const scalar_t* A = static_cast<const scalar_t*>(a.A) + s * a.r_max * a.d_in;
-  shrink_token<scalar_t, acc_t>(x, A, a.d_in, k, static_cast<acc_t>(a.scales[s]), t_scaled);
+  TokenWork w;
+  if (!locate(a, blockIdx.x, w)) return;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + w.token * a.x_row_stride;
+  const scalar_t* A = static_cast<const scalar_t*>(a.A) + w.slot * a.r_max * a.d_in;
+  shrink_token<scalar_t, acc_t>(x, A, a.d_in, w.rank, static_cast<acc_t>(a.scales[w.slot]), t_scaled);
   __syncthreads();
-  const scalar_t* B = static_cast<const scalar_t*>(a.B) + s * a.d_out * a.r_max;
-  scalar_t* y = static_cast<scalar_t*>(a.out) + token * a.out_row_stride;
-  const int64_t tile = static_cast<int64_t>(blockIdx.y) * blockDim.x * kFusedOutputsPerThread;
-  for (int i = 0; i < kFusedOutputsPerThread; ++i) {
-    const int64_t n = tile + i * blockDim.x + threadIdx.x;
-    if (n >= a.d_out) break;
-    const scalar_t* b_row = B + n * a.r_max;
-    acc_t sum = 0;
-    for (int64_t j = 0; j < k; ++j) sum += t_scaled[j] * to_acc(b_row[j]);
-    y[n] = from_acc<scalar_t>(to_acc(y[n]) + sum);
+  const scalar_t* B = static_cast<const scalar_t*>(a.B) + w.slot * a.d_out * a.r_max;
+  scalar_t* y = static_cast<scalar_t*>(a.out) + w.token * a.out_row_stride;
+  expand_token<scalar_t, acc_t, kFusedOutputsPerThread>(B, t_scaled, w.rank, a.r_max, a.d_out, y);
+}
+
+// Runs f(scalar_t{}) with the C++ type of dtype.
+template <typename F>
+cudaError_t by_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat64: return f(double{});
   }
+  return cudaErrorInvalidValue;
 }
 
+// Blocks (token position, output tile) with a rank-sized fp32 (fp64) row of shared memory.
 template <typename scalar_t>
-cudaError_t delta_fused(const LoraArgs& a, cudaStream_t stream) {
+cudaError_t launch_per_token(const LoraArgs& a, void (*kernel)(LoraArgs), int threads, int64_t outputs_per_block,
+                             cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
   const size_t shared = static_cast<size_t>(a.r_max) * sizeof(acc_t);
-  if (shared > kMaxSharedBytes) return cudaErrorInvalidValue;
-  const int64_t per_block = static_cast<int64_t>(kFusedThreads) * kFusedOutputsPerThread;
-  const dim3 grid(static_cast<unsigned>(a.num_tokens), static_cast<unsigned>((a.d_out + per_block - 1) / per_block));
-  delta_fused_kernel<scalar_t><<<grid, kFusedThreads, shared, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename scalar_t>
-cudaError_t shrink(const LoraArgs& a, cudaStream_t stream) {
-  shrink_kernel<scalar_t><<<static_cast<unsigned>(a.num_tokens), kShrinkWarps * 32, 0, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename scalar_t>
-cudaError_t expand(const LoraArgs& a, cudaStream_t stream) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const size_t shared = static_cast<size_t>(a.r_max) * sizeof(acc_t);
-  if (shared > kMaxSharedBytes) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(a.num_tokens),
-                  static_cast<unsigned>((a.d_out + kExpandThreads - 1) / kExpandThreads));
-  expand_kernel<scalar_t><<<grid, kExpandThreads, shared, stream>>>(a);
+  const int64_t tiles = (a.d_out + outputs_per_block - 1) / outputs_per_block;
+  if (shared > kMaxSharedBytes || a.num_tokens > 0x7fffffff || tiles > 65535) return cudaErrorInvalidValue;
+  kernel<<<dim3(static_cast<unsigned>(a.num_tokens), static_cast<unsigned>(tiles)), threads, shared, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -185,38 +191,28 @@ cudaError_t expand(const LoraArgs& a, cudaStream_t stream) {
 cudaError_t launch_lora_shrink(const LoraArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0) return cudaSuccess;
   if (args.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return shrink<float>(args, stream);
-    case DType::kFloat16: return shrink<__half>(args, stream);
-    case DType::kBFloat16: return shrink<__nv_bfloat16>(args, stream);
-    case DType::kFloat64: return shrink<double>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(args.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    shrink_kernel<scalar_t><<<static_cast<unsigned>(args.num_tokens), kShrinkWarps * 32, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0 || args.d_out == 0) return cudaSuccess;
-  if (args.num_tokens > 0x7fffffff || (args.d_out + kExpandThreads - 1) / kExpandThreads > 65535)
-    return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return expand<float>(args, stream);
-    case DType::kFloat16: return expand<__half>(args, stream);
-    case DType::kBFloat16: return expand<__nv_bfloat16>(args, stream);
-    case DType::kFloat64: return expand<double>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(args.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return launch_per_token<scalar_t>(args, expand_kernel<scalar_t>, kExpandThreads, kExpandThreads, stream);
+  });
 }
 
 cudaError_t launch_lora_delta_fused(const LoraArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0 || args.d_out == 0) return cudaSuccess;
-  if (args.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat32: return delta_fused<float>(args, stream);
-    case DType::kFloat16: return delta_fused<__half>(args, stream);
-    case DType::kBFloat16: return delta_fused<__nv_bfloat16>(args, stream);
-    case DType::kFloat64: return delta_fused<double>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return by_dtype(args.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return launch_per_token<scalar_t>(args, delta_fused_kernel<scalar_t>, kFusedThreads,
+                                      kFusedThreads * kFusedOutputsPerThread, stream);
+  });
 }
 
 }  // namespace cuda
