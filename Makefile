@@ -27,7 +27,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*)
 	else \
 		$(PIP) install $(TORCH_PIN) && \
 		$(PIP) install "setuptools>=64" wheel ninja pybind11 && \
-		$(PIP) install --no-build-isolation -e ".[test]" ; \
+		$(PIP) install --no-build-isolation -e ".[test,demo]" ; \
 	fi
 	touch $(STAMP)
 

@@ -1,0 +1,1 @@
+"""Adapters between lora_fast and other libraries (PEFT; serving stacks)."""

@@ -1,0 +1,185 @@
+"""lora_fast.accelerate on PEFT models: same outputs, same API, gradients in PEFT's parameters."""
+
+import copy
+
+import pytest
+import torch
+
+import lora_fast
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_config():
+    return transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+
+
+def peft_model(dtype=torch.float32, dropout=0.0, extra_targets=()):
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_config()).to(dtype)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=PROJECTIONS + list(extra_targets)
+    )
+    model = peft.get_peft_model(base, config, adapter_name="a0", autocast_adapter_dtype=False)
+    model.add_adapter(
+        "a1", peft.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=PROJECTIONS[:4])
+    )
+    model.add_adapter(
+        "a2", peft.LoraConfig(r=2, lora_alpha=16, target_modules=["v_proj", "down_proj", "lm_head"])
+    )
+    model.add_adapter("a3", peft.LoraConfig(r=16, lora_alpha=4, target_modules=PROJECTIONS))
+    randomize(model)
+    return model.eval()
+
+
+def randomize(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts lora_B at zero; make every adapter change the output
+                param.normal_(std=0.2)
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits.float()
+
+
+def assert_same(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_mixed_batches_match_peft():
+    model = peft_model()
+    ids = torch.randint(1, 97, (6, 9))
+    names = ["a0", "a1", "__base__", "a3", "a2", "a1"]
+    expected = logits(model, ids, adapter_names=names)
+    assert lora_fast.accelerate(model) is model
+    report = model.lora_fast_report
+    assert len(report.accelerated) == 2 * 7 + 1 and not report.skipped  # 7 projections x 2 layers + lm_head
+    assert_same(logits(model, ids, adapter_names=names), expected)
+    # the active-adapter path, for each adapter
+    for name in ("a0", "a1", "a2", "a3"):
+        model.set_adapter(name)
+        got = logits(model, ids)
+        lora_fast.restore(model)
+        assert_same(got, logits(model, ids))
+        lora_fast.accelerate(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_as_close_to_float32_as_peft_is(dtype):
+    """Two bf16 pipelines round differently; each must sit as close to the float32 result as PEFT."""
+    model = peft_model(dtype)
+    ids = torch.randint(1, 97, (6, 9))
+    names = ["a0", "a1", "__base__", "a3", "a2", "a1"]
+    exact = logits(copy.deepcopy(model).float(), ids, adapter_names=names)
+    peft_error = (logits(model, ids, adapter_names=names) - exact).abs().max()
+    lora_fast.accelerate(model)
+    for kwargs in ({"adapter_names": names}, {}):
+        ours_error = (
+            (logits(model, ids, **kwargs) - logits(copy.deepcopy(model).float(), ids, **kwargs)).abs().max()
+        )
+        assert ours_error <= 2 * peft_error + 1e-3, (ours_error, peft_error)
+
+
+def test_generation_with_adapter_names_matches_peft():
+    model = peft_model()
+    ids = torch.randint(1, 97, (4, 5))
+    names = ["a3", "__base__", "a1", "a0"]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "adapter_names": names, "pad_token_id": 0}
+    expected = model.generate(input_ids=ids, **kwargs)
+    lora_fast.accelerate(model)
+    assert torch.equal(model.generate(input_ids=ids, **kwargs), expected)
+    beams = model.generate(input_ids=ids, num_beams=2, **kwargs)
+    lora_fast.restore(model)
+    assert torch.equal(beams, model.generate(input_ids=ids, num_beams=2, **kwargs))
+
+
+def test_adapters_added_deleted_and_loaded_after_acceleration(tmp_path):
+    model = peft_model()
+    ids = torch.randint(1, 97, (3, 6))
+    lora_fast.accelerate(model)
+    # a new adapter on a module no adapter targeted before (a new LoRA layer)
+    model.add_adapter(
+        "new", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    )
+    randomize(model)
+    model.save_pretrained(tmp_path, selected_adapters=["a1"])
+    model.delete_adapter("a0")
+    model.load_adapter(tmp_path / "a1", adapter_name="a1_again")
+    names = ["new", "a1_again", "a3"]
+    got = logits(model, ids, adapter_names=names)
+    report = model.lora_fast_report
+    assert "base_model.model.model.embed_tokens" in report.skipped  # embedding LoRA stays on PEFT's path
+    lora_fast.restore(model)
+    assert_same(got, logits(model, ids, adapter_names=names))
+
+
+def test_training_step_puts_the_same_gradients_in_peft_parameters():
+    torch.manual_seed(3)
+    ids = torch.randint(1, 97, (4, 8))
+
+    def step(accelerated):
+        model = peft_model(dropout=0.1)
+        model.set_adapter("a3")
+        model.train()
+        if accelerated:
+            lora_fast.accelerate(model)
+        torch.manual_seed(11)  # the same dropout masks in both runs
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    expected = step(accelerated=False)
+    got = step(accelerated=True)
+    assert expected.keys() == got.keys() and any("lora_A.a3" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merge_and_unload_and_merged_adapters_fall_back_to_peft():
+    model = peft_model()
+    ids = torch.randint(1, 97, (2, 5))
+    lora_fast.accelerate(model)
+    model.set_adapter("a3")
+    expected = logits(model, ids)
+    model.merge_adapter()
+    assert_same(logits(model, ids), expected)  # merged: PEFT's own path
+    model.unmerge_adapter()
+    merged = model.merge_and_unload()
+    assert_same(logits(merged, ids), expected)
+
+
+def test_dora_layers_are_reported_and_left_to_peft():
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_config())
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    lora_fast.accelerate(model)
+    assert not model.lora_fast_report.accelerated
+    assert all("variant" in reason for reason in model.lora_fast_report.skipped.values())
+
+
+def test_bad_input_gives_clear_errors_and_leaves_the_model_alone():
+    with pytest.raises(ValueError, match="no PEFT LoRA layers"):
+        lora_fast.accelerate(transformers.LlamaForCausalLM(tiny_config()))
+    model = lora_fast.accelerate(peft_model())
+    ids = torch.randint(1, 97, (3, 4))
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        logits(model, ids, adapter_names=["a0", "nope", "a1"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        logits(model, ids, adapter_names=["a0", "a1"])
+    expected = logits(model, ids, adapter_names=["a0", "a1", "a2"])
+    lora_fast.restore(model)
+    assert_same(logits(model, ids, adapter_names=["a0", "a1", "a2"]), expected)
