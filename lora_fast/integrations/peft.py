@@ -1,6 +1,6 @@
 """One call to run an existing PEFT model's LoRA layers through lora_fast's ops.
 
-    model = lora_fast.accelerate(peft_model)     # returns the same model; report on model.lora_fast_report
+    model = lora_fast.accelerate(peft_model)     # the same model; report on model.lora_fast_report
     model(**inputs, adapter_names=["math", "__base__", "code"])   # PEFT's API, one op per layer
     lora_fast.restore(model)                      # back to PEFT's own forward
 
@@ -10,10 +10,15 @@ adapters of a mixed batch in one call, reading PEFT's own ``lora_A`` / ``lora_B`
 training, optimizers and checkpoints keep working on them). Anything lora_fast does not cover
 (DoRA and other variants, LoRA bias, merged or disabled adapters, several active adapters at
 once, aLoRA offsets) falls back to PEFT's forward for that call.
+
+PEFT hands ``adapter_names`` to its layers by registering a hook on every LoRA module for every
+forward call. When every LoRA layer of the model is accelerated, the model's names are handed to
+its layers directly instead (same checks, same errors), which saves that per-call walk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field
 
@@ -66,11 +71,15 @@ def accelerate(model: nn.Module) -> nn.Module:
     model._lora_fast_model_state = state
     model.lora_fast_report = report
     state.known_layers = set(lora_layers)
+    state.hand_names_directly(not report.skipped and not _has_auxiliary_wrappers(model))
     return model
 
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every LoRA layer runs PEFT's own forward again."""
+    state = getattr(model, "_lora_fast_model_state", None)
+    if state is not None:
+        state.hand_names_directly(False)
     for layer in _lora_layers(model).values():
         if isinstance(getattr(layer, "_lora_fast_state", None), _LayerState):
             del layer.forward
@@ -94,6 +103,14 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def _has_auxiliary_wrappers(model: nn.Module) -> bool:
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # older PEFT: modules_to_save wrappers only
+        from peft.utils.other import ModulesToSaveWrapper as AuxiliaryTrainingWrapper
+    return any(isinstance(module, AuxiliaryTrainingWrapper) for module in model.modules())
+
+
 def _unsupported(layer: nn.Module) -> str | None:
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -109,16 +126,19 @@ def _unsupported(layer: nn.Module) -> str | None:
 
 
 class _ModelState:
-    """Shared by the accelerated layers of one model: slot numbering and the step's AdapterBatch."""
+    """Shared by the accelerated layers of one model: slot numbering, the adapter names of the
+    current call and the AdapterBatch built from them."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.tuner = getattr(model, "base_model", model)
         self.known_layers: set[str] = set()
+        self.current_names: list[str] | None = None
         self._slot_names: tuple[str, ...] = ()
         self._slot_of: dict[str, int] = {}
         self._batch_key: object = None
         self._batch: AdapterBatch | None = None
+        self.batch_names: frozenset[str] = frozenset()
 
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
@@ -127,48 +147,99 @@ class _ModelState:
             self._slot_names = names
             self._slot_of = {name: slot for slot, name in enumerate(names)}
             self._batch_key = None
-            self._accelerate_new_layers()
+            # adapters added after accelerate() may have created LoRA layers for new target modules
+            if self.known_layers and set(_lora_layers(self.model)) - self.known_layers:
+                accelerate(self.model)
         return self._slot_of
 
-    def _accelerate_new_layers(self) -> None:
-        # adapters added after accelerate() may have created LoRA layers for new target modules
-        if self.known_layers and set(_lora_layers(self.model)) - self.known_layers:
-            accelerate(self.model)
-
-    def batch(self, key: tuple, ids: list[int], seq_len: int, device: torch.device) -> AdapterBatch:
-        """The AdapterBatch of this forward, built by the first layer and reused by the others."""
+    def batch(self, adapter_names: list[str], seq_len: int, device: torch.device) -> AdapterBatch:
+        """The AdapterBatch of this call, built by the first layer and reused by the others."""
+        slot_of = self.slot_of()
+        key = (tuple(adapter_names), seq_len, device, self._slot_names)
         if key != self._batch_key:
+            ids = [slot_of.get(name, NO_ADAPTER) for name in adapter_names]  # "__base__" -> -1
             self._batch = AdapterBatch(
-                torch.tensor(ids, dtype=torch.int64),
-                max(len(self._slot_of), 1),
-                seq_len=seq_len,
-                device=device,
+                torch.tensor(ids, dtype=torch.int64), max(len(slot_of), 1), seq_len=seq_len, device=device
             )
+            self.batch_names = frozenset(adapter_names) - {BASE_ADAPTER_NAME}
             self._batch_key = key
         return self._batch
 
+    def hand_names_directly(self, enable: bool) -> None:
+        if enable:
+            self.tuner._enable_peft_forward_hooks = types.MethodType(_names_to_layers, self.tuner)
+            self.tuner._lora_fast_model_state = self
+        elif "_enable_peft_forward_hooks" in vars(self.tuner):
+            del self.tuner._enable_peft_forward_hooks
+            del self.tuner._lora_fast_model_state
+
+
+@contextlib.contextmanager
+def _names_to_layers(tuner: nn.Module, *args, **kwargs):
+    """Stands in for LoraModel._enable_peft_forward_hooks with PEFT's checks and errors."""
+    state: _ModelState = tuner._lora_fast_model_state
+    adapter_names = kwargs.get("adapter_names")
+    num_beams = kwargs.get("num_beams")
+    beam_search = isinstance(num_beams, int) and num_beams > 1
+    encoder = getattr(getattr(tuner, "model", None), "get_encoder", None)
+    if (
+        adapter_names is None
+        or kwargs.get("alora_offsets") is not None
+        or (beam_search and encoder is not None)
+    ):
+        with type(tuner)._enable_peft_forward_hooks(tuner, *args, **kwargs):
+            yield
+        return
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    unexpected = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - set(state.slot_of())
+    if unexpected:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+    if beam_search:
+        adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+    previous, state.current_names = state.current_names, list(adapter_names)
+    try:
+        yield
+    finally:
+        state.current_names = previous
+
 
 class _LayerState:
-    """Per layer: the stacked weights of its adapters, rebuilt only when PEFT's weights change."""
+    """Per layer: what its adapters allow, and their stacked weights, rebuilt only when PEFT's
+    adapters or weights change."""
 
     def __init__(self, model_state: _ModelState) -> None:
         self.model_state = model_state
-        self._key: object = None
-        self._stacks: tuple[torch.Tensor, ...] = ()
+        self._adapters_key: object = None
+        self.unsupported: frozenset[str] = frozenset()  # variants or LoRA bias: PEFT's path
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._stacks_key: object = None
+        self._stacks: tuple = ()
 
-    def stacks(self, layer: nn.Module, slot_of: dict[str, int], differentiable: bool):
+    def refresh(self, layer: nn.Module) -> None:
+        key = (tuple(layer.lora_A.keys()), tuple(layer.lora_variant))
+        if key == self._adapters_key:
+            return
+        self._adapters_key = key
+        self.unsupported = frozenset(
+            name for name in layer.lora_A if name in layer.lora_variant or layer.lora_B[name].bias is not None
+        )
+        self.dtypes = {name: layer.lora_A[name].weight.dtype for name in layer.lora_A}
+
+    def stacks(self, layer: nn.Module, slot_of: dict[str, int], differentiable: bool) -> tuple:
         """``(A [S, r_max, d_in], B [S, d_out, r_max], scales [S], ranks [S], grad_slots)``."""
-        present = [name for name in slot_of if name in layer.lora_A]
-        weights = {name: (layer.lora_A[name].weight, layer.lora_B[name].weight) for name in present}
+        weights = {
+            name: (layer.lora_A[name].weight, layer.lora_B[name].weight)
+            for name in slot_of
+            if name in layer.lora_A
+        }
         if not differentiable:
             key = (
                 tuple(slot_of),
-                tuple(
-                    (name, id(a), a._version, id(b), b._version, layer.scaling[name])
-                    for name, (a, b) in weights.items()
-                ),
+                tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in weights.values()),
+                tuple(layer.scaling[name] for name in weights),
             )
-            if key == self._key:
+            if key == self._stacks_key:
                 return self._stacks
         any_weight = next(iter(weights.values()))[0]
         r_max = max(a.shape[0] for a, _ in weights.values())
@@ -178,7 +249,7 @@ class _LayerState:
                 a, b = weights[name]
                 A_slots.append(F.pad(a, (0, 0, 0, r_max - a.shape[0])))
                 B_slots.append(F.pad(b, (0, r_max - b.shape[1])))
-            else:
+            else:  # this adapter does not target this layer: rank 0
                 A_slots.append(any_weight.new_zeros(r_max, layer.in_features))
                 B_slots.append(any_weight.new_zeros(layer.out_features, r_max))
         device = any_weight.device
@@ -186,75 +257,62 @@ class _LayerState:
             [float(layer.scaling.get(n, 0.0)) for n in slot_of], dtype=torch.float32, device=device
         )
         ranks = torch.tensor([weights[n][0].shape[0] if n in weights else 0 for n in slot_of], device=device)
+        if not differentiable:
+            self._stacks_key = key
+            self._stacks = (torch.stack(A_slots).detach(), torch.stack(B_slots).detach(), scales, ranks, None)
+            return self._stacks
         grad_slots = torch.tensor(
             [n in weights and weights[n][0].requires_grad for n in slot_of], dtype=torch.bool, device=device
         )
-        stacks = (torch.stack(A_slots), torch.stack(B_slots), scales, ranks, grad_slots)
-        if not differentiable:
-            self._key, self._stacks = key, tuple(t.detach() for t in stacks[:4]) + (None,)
-            return self._stacks
-        return stacks
+        return torch.stack(A_slots), torch.stack(B_slots), scales, ranks, grad_slots
 
 
 def _original_forward(layer: nn.Module):
     return type(layer).forward.__get__(layer)
 
 
-def _fallback_reason(layer: nn.Module, adapter_names, kwargs) -> str | None:
-    if layer.disable_adapters or layer.merged:
-        return "adapters disabled or merged"
-    if any(kwargs.get(key) is not None for key in ("alora_offsets",)):
-        return "aLoRA offsets"
-    names = (
-        set(adapter_names) - {BASE_ADAPTER_NAME} if adapter_names is not None else set(layer.active_adapters)
-    )
-    names &= set(layer.lora_A.keys())
-    if adapter_names is None and len(names) > 1:
-        return "several active adapters summed"
-    if any(name in layer.lora_variant for name in names):
-        return "a LoRA variant (e.g. DoRA)"
-    if any(layer.lora_B[name].bias is not None for name in names):
-        return "LoRA bias"
-    dtypes = {layer.lora_A[name].weight.dtype for name in names}
-    if len(dtypes) > 1:
-        return "adapters of different dtypes"
-    if adapter_names is not None and layer.training:
-        if any(getattr(layer.lora_dropout[name], "p", 0.0) > 0 for name in names):
-            return "per-adapter dropout in a mixed training batch"
-    return None
-
-
 def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    state: _LayerState = self._lora_fast_state
-    adapter_names = kwargs.get("adapter_names")
-    if _fallback_reason(self, adapter_names, kwargs) is not None:
-        return _original_forward(self)(x, *args, **kwargs)
-    self._check_forward_args(x, *args, **kwargs)  # PEFT's own checks (adapter_names length, merged)
-    kwargs.pop("adapter_names", None)
+    layer_state: _LayerState = self._lora_fast_state
+    model_state = layer_state.model_state
+    layer_state.refresh(self)
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        adapter_names = model_state.current_names
+    if self.disable_adapters or self.merged or kwargs.get("alora_offsets") is not None:
+        return _peft_forward(self, x, adapter_names, args, kwargs)
     kwargs.pop("alora_offsets", None)
-    result = self.base_layer(x, *args, **kwargs)
-    slot_of = state.model_state.slot_of()
 
     if adapter_names is None:
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if not active:
-            return result
-        return _single_adapter(self, x, result, active[0])
+        if len(active) > 1 or (active and active[0] in layer_state.unsupported):
+            return _peft_forward(self, x, None, args, kwargs)  # several adapters summed, or a variant
+        result = self.base_layer(x, *args, **kwargs)
+        return _single_adapter(self, x, result, active[0]) if active else result
 
-    names_here = {name for name in adapter_names if name in self.lora_A}
+    if len(x) != len(adapter_names):
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {len(x)} respectively."
+        )
+    rows = x.reshape(-1, x.shape[-1])
+    batch = model_state.batch(adapter_names, rows.shape[0] // len(adapter_names), x.device)
+    names_here = model_state.batch_names & layer_state.dtypes.keys()
+    if names_here & layer_state.unsupported or len({layer_state.dtypes[n] for n in names_here}) > 1:
+        return _peft_forward(self, x, adapter_names, args, kwargs)
+    if self.training and any(getattr(self.lora_dropout[n], "p", 0.0) > 0 for n in names_here):
+        return _peft_forward(self, x, adapter_names, args, kwargs)  # per-adapter dropout masks
+    result = self.base_layer(x, *args, **kwargs)
     if not names_here:
         return result
-    rows = x.reshape(-1, x.shape[-1])
-    seq_len = rows.shape[0] // len(adapter_names)
-    key = (tuple(adapter_names), seq_len, x.device, tuple(slot_of))
-    ids = [
-        slot_of.get(name, NO_ADAPTER) if name != BASE_ADAPTER_NAME else NO_ADAPTER for name in adapter_names
-    ]
-    batch = state.model_state.batch(key, ids, seq_len, x.device)
     differentiable = torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here)
-    A, B, scales, ranks, grad_slots = state.stacks(self, slot_of, differentiable)
-    lora_input = self._cast_input_dtype(rows, A.dtype)
-    return _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots)
+    A, B, scales, ranks, grad_slots = layer_state.stacks(self, model_state.slot_of(), differentiable)
+    return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots)
+
+
+def _peft_forward(layer, x, adapter_names, args, kwargs):
+    if adapter_names is not None:
+        kwargs = dict(kwargs, adapter_names=adapter_names)
+    return _original_forward(layer)(x, *args, **kwargs)
 
 
 def _single_adapter(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
@@ -282,8 +340,8 @@ def _one_slot_metadata(num_tokens: int, device: torch.device) -> tuple[torch.Ten
 
 
 def _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots) -> torch.Tensor:
-    out_rows = result.reshape(-1, result.shape[-1])
     if result.dtype == A.dtype and result.is_contiguous():
+        out_rows = result.view(-1, result.shape[-1])
         lora_delta(lora_input, A, B, batch, scales, ranks, out=out_rows, grad_slots=grad_slots)
         return result
     delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots)
