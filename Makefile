@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=10
 
 demo: $(STAMP)
-	$(VENV)/bin/lora-fast bench
+	$(VENV)/bin/lora-fast demo
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_lora_ops

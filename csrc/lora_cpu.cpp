@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -183,6 +184,15 @@ void check_2d_rows(const at::Tensor& t, const char* name) {
 
 at::Tensor row_major(const at::Tensor& t) { return t.dim() == 2 && t.stride(1) == 1 ? t : t.contiguous(); }
 
+// B [S, d_out, r_max] as the kernels read it: the transpose of a contiguous [S, r_max, d_out]
+// tensor is used as it is (rank-major), anything else is made contiguous.
+std::pair<at::Tensor, bool> b_layout(const at::Tensor& B) {
+  const int64_t d_out = B.size(1), r_max = B.size(2);
+  const bool rank_major = B.stride(0) == d_out * r_max && B.stride(1) == 1 && B.stride(2) == d_out;
+  if (rank_major && d_out > 1) return {B, true};
+  return {B.contiguous(), false};
+}
+
 template <typename scalar_t>
 using acc_type_for = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
@@ -235,7 +245,9 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
   TORCH_CHECK_VALUE(out.size(0) == t_in.size(0) && out.size(1) == B_in.size(1),
                     "out must be [T, d_out] = [", t_in.size(0), ", ", B_in.size(1), "]");
   TORCH_CHECK_TYPE(out.scalar_type() == B_in.scalar_type(), "out and B must share a dtype");
-  const at::Tensor B = B_in.contiguous();
+  const auto b_and_layout = b_layout(B_in);
+  const at::Tensor& B = b_and_layout.first;
+  const bool b_rank_major = b_and_layout.second;
   const auto acc_dtype = B.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor t = row_major(t_in.to(acc_dtype));
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
@@ -247,6 +259,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
     using acc_t = acc_type_for<scalar_t>;
     Problem<scalar_t, acc_t> p;
     p.B = B.const_data_ptr<scalar_t>();
+    p.b_rank_major = b_rank_major;
     p.scales = scales.const_data_ptr<float>();
     p.ranks = meta.ranks.data();
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
@@ -275,7 +288,9 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
                    "x, A, B and out must share a dtype");
   const at::Tensor x = row_major(x_in);
   const at::Tensor A = A_in.contiguous();
-  const at::Tensor B = B_in.contiguous();
+  const auto b_and_layout = b_layout(B_in);
+  const at::Tensor& B = b_and_layout.first;
+  const bool b_rank_major = b_and_layout.second;
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
@@ -288,6 +303,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
     p.x_row_stride = x.stride(0);
     p.A = A.const_data_ptr<scalar_t>();
     p.B = B.const_data_ptr<scalar_t>();
+    p.b_rank_major = b_rank_major;
     p.scales = scales.const_data_ptr<float>();
     p.ranks = meta.ranks.data();
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
@@ -315,7 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   const at::Tensor x = row_major(x_in);
   const at::Tensor grad_out = row_major(grad_out_in.to(x_in.scalar_type()));
   const at::Tensor A = A_in.contiguous();
-  const at::Tensor B = B_in.contiguous();
+  const auto b_and_layout = b_layout(B_in);
+  const at::Tensor& B = b_and_layout.first;
+  const bool b_rank_major = b_and_layout.second;
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1), d_in = A.size(2), d_out = B.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
@@ -333,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = needs_x ? at::zeros_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   at::Tensor dA = needs_A ? at::zeros_like(A) : at::empty({0}, x.options());
-  at::Tensor dB = needs_B ? at::zeros_like(B) : at::empty({0}, x.options());
+  at::Tensor dB = needs_B ? at::zeros({S, d_out, r_max}, x.options()) : at::empty({0}, x.options());
   const bool weights = (needs_A || needs_B) && !grad_items.empty();
   if (meta.items.empty() || (!needs_x && !weights)) return {dx, dA, dB};
   at::Tensor u = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
@@ -349,6 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     back.x_row_stride = grad_out.stride(0);
     back.A = A.const_data_ptr<scalar_t>();
     back.B = B.const_data_ptr<scalar_t>();
+    back.b_rank_major = b_rank_major;
     back.scales = scales.const_data_ptr<float>();
     back.ranks = ranks_ptr;
     back.token_order = order;

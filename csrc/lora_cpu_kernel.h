@@ -164,10 +164,23 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
     if (slot != loaded_slot) {
       const scalar_t* a_slot = p.A ? p.A + slot * p.r_max * p.d_in : nullptr;
       const scalar_t* b_slot = p.B ? p.B + slot * p.d_out * p.r_max : nullptr;
+      // B[slot]^T as [k][d_out] rows of acc_t: in place when B is rank-major and needs no
+      // conversion, else converted or transposed into scratch.
+      auto b_transposed = [&](std::vector<acc_t>& scratch) -> const acc_t* {
+        if (p.b_rank_major) {
+          if constexpr (!convert) {
+            return b_slot;
+          } else {
+            for (int64_t q = 0; q < k * p.d_out; ++q) scratch[q] = static_cast<acc_t>(b_slot[q]);
+            return scratch.data();
+          }
+        }
+        transpose_rank_columns(b_slot, p.d_out, p.r_max, k, scratch.data());
+        return scratch.data();
+      };
       if (has_shrink) {
         if constexpr (transposed) {
-          transpose_rank_columns(b_slot, p.d_out, p.r_max, k, a_buf.data());
-          a = a_buf.data();
+          a = b_transposed(a_buf);
         } else if constexpr (convert) {
           for (int64_t q = 0; q < k * p.d_in; ++q) a_buf[q] = static_cast<acc_t>(a_slot[q]);
           a = a_buf.data();
@@ -177,8 +190,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
       }
       if (has_expand) {
         if constexpr (!transposed) {
-          transpose_rank_columns(b_slot, p.d_out, p.r_max, k, bt_buf.data());
-          bt = bt_buf.data();
+          bt = b_transposed(bt_buf);
         } else if constexpr (convert) {
           for (int64_t q = 0; q < k * p.d_in; ++q) bt_buf[q] = static_cast<acc_t>(a_slot[q]);
           bt = bt_buf.data();

@@ -29,7 +29,10 @@ struct Problem {
   const scalar_t* x = nullptr;  // [T, d_in], rows x_row_stride apart
   int64_t x_row_stride = 0;
   const scalar_t* A = nullptr;  // [S, r_max, d_in] contiguous
-  const scalar_t* B = nullptr;  // [S, d_out, r_max] contiguous
+  const scalar_t* B = nullptr;  // [S, d_out, r_max]: contiguous, or rank-major (see below)
+  // B stored as [S, r_max, d_out] and passed as its transpose: rows of B^T are contiguous, so
+  // the kernels read them in place instead of transposing each slot's B on every call.
+  bool b_rank_major = false;
   const float* scales = nullptr;  // [S]
   const int64_t* ranks = nullptr;  // [S], each in [0, r_max]
   const int64_t* token_order = nullptr;  // [T], token indices sorted by slot

@@ -46,6 +46,12 @@ def _lora_delta_fused_kernel(
     d_out,
     r_max,
     stride_x_row,
+    stride_a_slot,
+    stride_a_rank,
+    stride_a_col,
+    stride_b_slot,
+    stride_b_out,
+    stride_b_rank,
     stride_out_row,
     HAS_RANKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -67,8 +73,8 @@ def _lora_delta_fused_kernel(
     while slot < num_slots:
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
-        a_slot = A_ptr + slot * r_max * d_in
-        b_slot = B_ptr + slot * d_out * r_max
+        a_slot = A_ptr + slot * stride_a_slot
+        b_slot = B_ptr + slot * stride_b_slot
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             cols = r0 + offs_r
@@ -79,8 +85,8 @@ def _lora_delta_fused_kernel(
                 rows,
                 stride_x_row,
                 a_slot,
-                d_in,
-                1,
+                stride_a_rank,
+                stride_a_col,
                 cols,
                 col_ok,
                 0,
@@ -91,7 +97,9 @@ def _lora_delta_fused_kernel(
                 UPCAST,
                 IEEE,
             )
-            acc += expand_tile(t_tile, b_slot, outs, out_ok, r_max, 1, cols, col_ok, UPCAST, IEEE)
+            acc += expand_tile(
+                t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
+            )
         add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, tl.load(scales_ptr + slot))
         slot = next_slot(slots, slot, num_slots)
 
@@ -129,6 +137,8 @@ def lora_delta_fused_(
         d_out,
         r_max,
         x.stride(0),
+        *A.stride(),
+        *B.stride(),
         out.stride(0),
         HAS_RANKS=ranks is not None,
         BLOCK_R=block_r,
@@ -152,7 +162,8 @@ def lora_delta_(
 ) -> None:
     """Adds the LoRA delta of every token into ``out [T, d_out]`` in place.
 
-    ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` contiguous; ``ranks`` int64
+    ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` any strides (a rank-major
+    ``B``, the transpose of ``[S, r_max, d_out]``, reads coalesced along d_out); ``ranks`` int64
     or None. ``fused`` None picks by the config table (fused up to its ``max_tokens``);
     ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters.
     """

@@ -24,11 +24,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-fast", description="Fast multi-adapter LoRA for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
+        "demo",
+        help="train three adapters on SmolLM2-135M in mixed batches, serve them through PEFT and lora_fast",
+        add_help=False,
+    )
+    commands.add_parser(
         "bench",
         help="time the multi-adapter LoRA op on this machine's best backend against PEFT-style loops",
         add_help=False,
     )
     args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from . import demo
+
+        return demo.main(rest)
     if args.command == "bench":
         _benchmarks_importable()
         from benchmarks import bench_lora_ops

@@ -137,11 +137,12 @@ class MultiLoRALinear(nn.Module):
         grad_slots = self.grad_slots if len(self.lora_A) else None
         scales, ranks = self.stack.scales, self.stack.ranks
         if y.dtype == A.dtype:  # add into the base output (autograd-aware inside lora_delta)
+            out = y.view(-1, y.shape[-1])
             lora_delta(
-                lora_input, A, B, batch, scales, ranks, out=y.view(-1, y.shape[-1]), grad_slots=grad_slots
+                lora_input, A, B, batch, scales, ranks, out=out, grad_slots=grad_slots, check_args=False
             )
             return y
-        delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots)
+        delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots, check_args=False)
         return y + delta.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

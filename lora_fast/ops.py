@@ -62,9 +62,7 @@ def _shrink_impl(
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         return reference.lora_shrink(x, A, batch, ranks)
     if backend == "triton":
-        return _triton().lora_shrink(
-            _unit_stride_rows(x), A.contiguous(), token_order, token_slots, _int64(ranks)
-        )
+        return _triton().lora_shrink(_unit_stride_rows(x), A, token_order, token_slots, _int64(ranks))
     return _compiled().lora_shrink(x, A, token_order, segment_starts, segment_lengths, _int64(ranks))
 
 
@@ -87,7 +85,7 @@ def _expand_impl(
     target = _unit_stride_rows(out)
     if backend == "triton":
         _triton().lora_expand_(
-            _unit_stride_rows(t), B.contiguous(), token_order, token_slots, scales, _int64(ranks), target
+            _unit_stride_rows(t), B, token_order, token_slots, scales, _int64(ranks), target
         )
     else:
         _compiled().lora_expand_(
@@ -117,14 +115,7 @@ def _delta_impl(
     target = _unit_stride_rows(out)
     if backend == "triton":
         _triton().lora_delta_(
-            _unit_stride_rows(x),
-            A.contiguous(),
-            B.contiguous(),
-            token_order,
-            token_slots,
-            scales,
-            _int64(ranks),
-            target,
+            _unit_stride_rows(x), A, B, token_order, token_slots, scales, _int64(ranks), target
         )
     else:
         _compiled().lora_delta_(
@@ -185,8 +176,8 @@ def _delta_backward_impl(
         grads = _triton().lora_delta_backward(
             _unit_stride_rows(grad_out),
             _unit_stride_rows(x),
-            A.contiguous(),
-            B.contiguous(),
+            A,
+            B,
             token_order,
             token_slots,
             segment_starts,
@@ -385,6 +376,7 @@ def lora_delta(
     ranks: Tensor | None = None,
     out: Tensor | None = None,
     grad_slots: Tensor | None = None,
+    check_args: bool = True,
 ) -> Tensor:
     """The multi-adapter LoRA delta ``scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)`` per token.
 
@@ -396,7 +388,25 @@ def lora_delta(
     Differentiable w.r.t. x, A and B: each slot's weight gradients sum over that slot's tokens.
     ``grad_slots [S]`` bool limits the weight gradients to the slots marked True; the others get
     zero gradient and cost no gradient work.
+
+    ``check_args=False`` skips the argument checks, for callers that build every argument
+    themselves (lora_fast's layers and integrations, once per layer call); a wrong argument is
+    then not caught before the kernel.
     """
+    if check_args:
+        _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots)
+    if out is None or _needs_grad(x, A, B, out):
+        direct = _eager_direct(x, A, B)
+        op = _delta_functional_impl if direct else torch.ops.lora_fast.lora_delta
+        delta = op(x, A, B, *batch.metadata, scales, ranks, grad_slots)
+        # autograd tracks an out-of-place delta; adding it keeps out's own history intact
+        return delta if out is None else out.add_(delta)
+    op = _delta_impl if _eager_direct(x, A, B, out) else torch.ops.lora_fast.lora_delta_
+    op(x, A, B, *batch.metadata, scales, ranks, out)
+    return out
+
+
+def _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots) -> None:
     batch = check.batch(batch)
     x, A = _check_x_A(x, A, batch)
     B = _check_B(B, batch, A.shape[1], "A.shape[1]")
@@ -411,15 +421,6 @@ def lora_delta(
         out = _check_out(out, batch.num_tokens, B.shape[1], x.dtype, "x")
         check.same_device(batch.device, {"out": out})
         check.no_overlap(out, "out", {"x": x, "A": A, "B": B})
-    if out is None or _needs_grad(x, A, B, out):
-        direct = _eager_direct(x, A, B)
-        op = _delta_functional_impl if direct else torch.ops.lora_fast.lora_delta
-        delta = op(x, A, B, *batch.metadata, scales, ranks, grad_slots)
-        # autograd tracks an out-of-place delta; adding it keeps out's own history intact
-        return delta if out is None else out.add_(delta)
-    op = _delta_impl if _eager_direct(x, A, B, out) else torch.ops.lora_fast.lora_delta_
-    op(x, A, B, *batch.metadata, scales, ranks, out)
-    return out
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

@@ -183,3 +183,23 @@ def test_bad_input_gives_clear_errors_and_leaves_the_model_alone():
     expected = logits(model, ids, adapter_names=["a0", "a1", "a2"])
     lora_fast.restore(model)
     assert_same(logits(model, ids, adapter_names=["a0", "a1", "a2"]), expected)
+
+
+def test_cached_stacks_follow_weight_and_scaling_changes():
+    model = lora_fast.accelerate(peft_model())
+    ids = torch.randint(1, 97, (3, 5))
+    names = ["a0", "a3", "a1"]
+    logits(model, ids, adapter_names=names)  # fills the caches
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["a3"].weight.mul_(3.0)  # in place
+    layer.scaling["a1"] *= 0.5
+    model.delete_adapter("a0")  # replaced under the same name
+    model.add_adapter("a0", peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS))
+    randomize(model)
+    got = logits(model, ids, adapter_names=names)
+    model.set_adapter("a3")
+    single = logits(model, ids)
+    lora_fast.restore(model)
+    assert_same(got, logits(model, ids, adapter_names=names))
+    assert_same(single, logits(model, ids))

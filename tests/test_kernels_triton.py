@@ -209,3 +209,25 @@ def test_config_table_lookup():
             assert config["BLOCK_M"] >= 16 and config["MAX_BLOCK_R"] >= 16
     default = configs._table(str(configs.CONFIG_DIR / "default.json"))
     assert default["fused"][0]["when"]["max_tokens"] >= 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
+def test_strided_weights_are_read_through_their_strides(fused):
+    c = random_case(33, 4, 48, 40, 16, dtype=torch.float32, device=DEVICE)
+    c["B"] = c["B"].transpose(1, 2).contiguous().transpose(1, 2)  # rank-major B
+    c["A"] = c["A"].transpose(1, 2).contiguous().transpose(1, 2)  # column-major A
+    out = torch.zeros(33, 40, device=DEVICE)
+    b = c["batch"]
+    kernels.lora_delta_(
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        fused=fused,
+        configs=SMALL,
+    )
+    assert_close(out, expected(c), torch.float32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +140,8 @@ class _ModelState:
         self._batch_key: object = None
         self._batch: AdapterBatch | None = None
         self.batch_names: frozenset[str] = frozenset()
+        self._one_slot_key: object = None
+        self._one_slot: AdapterBatch | None = None
 
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
@@ -164,6 +167,14 @@ class _ModelState:
             self.batch_names = frozenset(adapter_names) - {BASE_ADAPTER_NAME}
             self._batch_key = key
         return self._batch
+
+    def one_slot_batch(self, num_tokens: int, device: torch.device) -> AdapterBatch:
+        """Every token in slot 0 of a one-slot stack (training through PEFT's own parameters)."""
+        key = (num_tokens, device)
+        if key != self._one_slot_key:
+            self._one_slot = AdapterBatch(torch.zeros(num_tokens, dtype=torch.int64), 1, device=device)
+            self._one_slot_key = key
+        return self._one_slot
 
     def hand_names_directly(self, enable: bool) -> None:
         if enable:
@@ -205,16 +216,24 @@ def _names_to_layers(tuner: nn.Module, *args, **kwargs):
 
 
 class _LayerState:
-    """Per layer: what its adapters allow, and their stacked weights, rebuilt only when PEFT's
-    adapters or weights change."""
+    """Per layer: what its adapters allow, and a stacked copy of their weights for inference.
+
+    The copy holds A as [S, r_max, d_in] and B rank-major ([S, r_max, d_out], handed to the op as
+    its transpose) so the kernels read every slot in place. A slot is refreshed when the adapter's
+    weights change (PEFT parameter replaced or updated in place, or its scaling changed); only the
+    adapters a call uses are checked, so a model with many loaded adapters pays for the few in
+    the batch.
+    """
 
     def __init__(self, model_state: _ModelState) -> None:
         self.model_state = model_state
         self._adapters_key: object = None
         self.unsupported: frozenset[str] = frozenset()  # variants or LoRA bias: PEFT's path
         self.dtypes: dict[str, torch.dtype] = {}
-        self._stacks_key: object = None
+        self.r_max = 0
+        self._layout_key: object = None
         self._stacks: tuple = ()
+        self._stamps: dict[str, tuple] = {}
 
     def refresh(self, layer: nn.Module) -> None:
         key = (tuple(layer.lora_A.keys()), tuple(layer.lora_variant))
@@ -225,42 +244,73 @@ class _LayerState:
             name for name in layer.lora_A if name in layer.lora_variant or layer.lora_B[name].bias is not None
         )
         self.dtypes = {name: layer.lora_A[name].weight.dtype for name in layer.lora_A}
+        self.r_max = max((layer.lora_A[name].weight.shape[0] for name in layer.lora_A), default=0)
 
-    def stacks(self, layer: nn.Module, slot_of: dict[str, int], differentiable: bool) -> tuple:
-        """``(A [S, r_max, d_in], B [S, d_out, r_max], scales [S], ranks [S], grad_slots)``."""
+    def inference_stacks(self, layer: nn.Module, slot_of: dict[str, int], names) -> tuple:
+        """``(A, B, scales, ranks)`` with the slots of ``names`` up to date."""
+        weight = layer.lora_A[next(iter(names))].weight
+        layout = (tuple(slot_of), self.r_max, weight.dtype, weight.device)
+        if layout != self._layout_key:
+            num_slots = len(slot_of)
+            A = weight.new_zeros(num_slots, self.r_max, layer.in_features)
+            B_rank_major = weight.new_zeros(num_slots, self.r_max, layer.out_features)
+            scales = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
+            ranks = torch.zeros(num_slots, dtype=torch.int64, device=weight.device)
+            self._stacks = (A, B_rank_major, scales, ranks)
+            self._layout_key, self._stamps = layout, {}
+        A, B_rank_major, scales, ranks = self._stacks
+        for name in names:
+            a = layer.lora_A._modules[name]._parameters["weight"]
+            b = layer.lora_B._modules[name]._parameters["weight"]
+            stamp = self._stamps.get(name)
+            # weak references: a parameter freed and replaced at the same address never matches
+            if (
+                stamp is None
+                or stamp[0]() is not a
+                or stamp[1]() is not b
+                or stamp[2:] != (a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[name])
+            ):
+                slot, rank = slot_of[name], a.shape[0]
+                with torch.no_grad():
+                    A[slot].zero_()
+                    A[slot, :rank].copy_(a)
+                    B_rank_major[slot].zero_()
+                    B_rank_major[slot, :rank].copy_(b.T)
+                    scales[slot] = float(layer.scaling[name])
+                    ranks[slot] = rank
+                self._stamps[name] = (
+                    weakref.ref(a),
+                    weakref.ref(b),
+                    a.data_ptr(),
+                    a._version,
+                    b.data_ptr(),
+                    b._version,
+                    layer.scaling[name],
+                )
+        return A, B_rank_major.transpose(1, 2), scales, ranks
+
+    def training_stacks(self, layer: nn.Module, slot_of: dict[str, int]) -> tuple:
+        """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd."""
         weights = {
             name: (layer.lora_A[name].weight, layer.lora_B[name].weight)
             for name in slot_of
             if name in layer.lora_A
         }
-        if not differentiable:
-            key = (
-                tuple(slot_of),
-                tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in weights.values()),
-                tuple(layer.scaling[name] for name in weights),
-            )
-            if key == self._stacks_key:
-                return self._stacks
         any_weight = next(iter(weights.values()))[0]
-        r_max = max(a.shape[0] for a, _ in weights.values())
         A_slots, B_slots = [], []
         for name in slot_of:
             if name in weights:
                 a, b = weights[name]
-                A_slots.append(F.pad(a, (0, 0, 0, r_max - a.shape[0])))
-                B_slots.append(F.pad(b, (0, r_max - b.shape[1])))
+                A_slots.append(F.pad(a, (0, 0, 0, self.r_max - a.shape[0])))
+                B_slots.append(F.pad(b, (0, self.r_max - b.shape[1])))
             else:  # this adapter does not target this layer: rank 0
-                A_slots.append(any_weight.new_zeros(r_max, layer.in_features))
-                B_slots.append(any_weight.new_zeros(layer.out_features, r_max))
+                A_slots.append(any_weight.new_zeros(self.r_max, layer.in_features))
+                B_slots.append(any_weight.new_zeros(layer.out_features, self.r_max))
         device = any_weight.device
         scales = torch.tensor(
             [float(layer.scaling.get(n, 0.0)) for n in slot_of], dtype=torch.float32, device=device
         )
         ranks = torch.tensor([weights[n][0].shape[0] if n in weights else 0 for n in slot_of], device=device)
-        if not differentiable:
-            self._stacks_key = key
-            self._stacks = (torch.stack(A_slots).detach(), torch.stack(B_slots).detach(), scales, ranks, None)
-            return self._stacks
         grad_slots = torch.tensor(
             [n in weights and weights[n][0].requires_grad for n in slot_of], dtype=torch.bool, device=device
         )
@@ -287,7 +337,7 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         if len(active) > 1 or (active and active[0] in layer_state.unsupported):
             return _peft_forward(self, x, None, args, kwargs)  # several adapters summed, or a variant
         result = self.base_layer(x, *args, **kwargs)
-        return _single_adapter(self, x, result, active[0]) if active else result
+        return _single_adapter(self, layer_state, x, result, active[0]) if active else result
 
     if len(x) != len(adapter_names):
         raise ValueError(
@@ -304,8 +354,11 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     result = self.base_layer(x, *args, **kwargs)
     if not names_here:
         return result
-    differentiable = torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here)
-    A, B, scales, ranks, grad_slots = layer_state.stacks(self, model_state.slot_of(), differentiable)
+    slot_of = model_state.slot_of()
+    if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here):
+        A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_of)
+    else:
+        (A, B, scales, ranks), grad_slots = layer_state.inference_stacks(self, slot_of, names_here), None
     return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots)
 
 
@@ -315,34 +368,29 @@ def _peft_forward(layer, x, adapter_names, args, kwargs):
     return _original_forward(layer)(x, *args, **kwargs)
 
 
-def _single_adapter(layer: nn.Module, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-    """Every token through one adapter: its weights as a one-slot stack (views, no copy)."""
+def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, result, name: str) -> torch.Tensor:
+    """Every token through the one active adapter."""
     weight_A, weight_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     rows = layer._cast_input_dtype(x, weight_A.dtype).reshape(-1, x.shape[-1])
     rows = layer.lora_dropout[name](rows)
-    batch = AdapterBatch.from_metadata(*_one_slot_metadata(rows.shape[0], rows.device))
-    scales = torch.tensor([float(layer.scaling[name])], dtype=torch.float32, device=rows.device)
-    return _add_delta(result, rows, weight_A[None], weight_B[None], batch, scales, None, None)
-
-
-_ONE_SLOT_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
-
-
-def _one_slot_metadata(num_tokens: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    key = (num_tokens, device)
-    if key not in _ONE_SLOT_CACHE:
-        if len(_ONE_SLOT_CACHE) > 64:
-            _ONE_SLOT_CACHE.clear()
-        _ONE_SLOT_CACHE[key] = AdapterBatch(
-            torch.zeros(num_tokens, dtype=torch.int64), 1, device=device
-        ).metadata
-    return _ONE_SLOT_CACHE[key]
+    model_state = layer_state.model_state
+    if torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad):
+        # training: PEFT's parameters themselves as a one-slot stack (views), so gradients reach them
+        batch = model_state.one_slot_batch(rows.shape[0], rows.device)
+        scales = torch.tensor([float(layer.scaling[name])], dtype=torch.float32, device=rows.device)
+        return _add_delta(result, rows, weight_A[None], weight_B[None], batch, scales, None, None)
+    slot_of = model_state.slot_of()
+    batch = model_state.batch([name], rows.shape[0], rows.device)
+    A, B, scales, ranks = layer_state.inference_stacks(layer, slot_of, (name,))
+    return _add_delta(result, rows, A, B, batch, scales, ranks, None)
 
 
 def _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots) -> torch.Tensor:
     if result.dtype == A.dtype and result.is_contiguous():
         out_rows = result.view(-1, result.shape[-1])
-        lora_delta(lora_input, A, B, batch, scales, ranks, out=out_rows, grad_slots=grad_slots)
+        lora_delta(
+            lora_input, A, B, batch, scales, ranks, out=out_rows, grad_slots=grad_slots, check_args=False
+        )
         return result
-    delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots)
+    delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots, check_args=False)
     return (result + delta.view(result.shape)).to(result.dtype)
