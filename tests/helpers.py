@@ -69,3 +69,20 @@ def assert_close(
     if magnitude is None:
         magnitude = float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol * max(magnitude, 1e-30))
+
+
+def tiny_llama_config(**overrides):
+    """A two-layer Llama small enough to build and run in milliseconds."""
+    from transformers import LlamaConfig
+
+    fields = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+    }
+    return LlamaConfig(**(fields | overrides))

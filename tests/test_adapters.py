@@ -6,7 +6,7 @@ import torch
 import lora_fast
 from lora_fast.adapters import AdapterStack, AdapterStacks
 
-from .helpers import assert_close
+from .helpers import assert_close, tiny_llama_config
 
 
 def test_stack_slots_set_clear_and_mixed_ranks():
@@ -89,17 +89,10 @@ def test_stacks_reject_disagreeing_adapters_naming_adapter_and_module():
 @pytest.fixture(scope="module")
 def peft_model():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config(vocab_size=64, intermediate_size=48)
     base = LlamaForCausalLM(config)
     first = LoraConfig(
         r=4,

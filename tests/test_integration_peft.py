@@ -7,6 +7,8 @@ import torch
 
 import lora_fast
 
+from .helpers import tiny_llama_config
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -14,16 +16,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def tiny_config():
-    return transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
+    return tiny_llama_config()
 
 
 def peft_model(dtype=torch.float32, dropout=0.0, extra_targets=()):

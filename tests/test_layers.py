@@ -8,7 +8,7 @@ from lora_fast import layers
 from lora_fast.adapters import AdapterStack, AdapterStacks
 from lora_fast.layers import MultiLoRALinear, adapter_batch, inject_adapters
 
-from .helpers import assert_close
+from .helpers import assert_close, tiny_llama_config
 
 
 def make_layer(d_in=12, d_out=10, slots=4, rank=4, dropout=0.0):
@@ -118,19 +118,10 @@ def test_layer_rejects_mismatched_stack():
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(tiny_llama_config()).float()
 
 
 def adapter_stacks(model, num_adapters, rank=4):
