@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import re
 import statistics
 import time
@@ -87,13 +88,14 @@ def run(
             ids = torch.randint(1, vocab, (sequences, length), device=device)
             names = [f"a{i % L}" for i in range(sequences)]
             with torch.no_grad():
+                mixed = functools.partial(peft_model, input_ids=ids, adapter_names=names)
                 lora_fast.restore(peft_model)
-                expected = peft_model(input_ids=ids, adapter_names=names).logits.float()
-                peft_us = measure(lambda: peft_model(input_ids=ids, adapter_names=names))
-                base_us = measure(lambda: base_model(input_ids=ids))
+                expected = mixed().logits.float()
+                peft_us = measure(mixed)
+                base_us = measure(functools.partial(base_model, input_ids=ids))
                 lora_fast.accelerate(peft_model)
-                got = peft_model(input_ids=ids, adapter_names=names).logits.float()
-                fast_us = measure(lambda: peft_model(input_ids=ids, adapter_names=names))
+                got = mixed().logits.float()
+                fast_us = measure(mixed)
             error = float((got - expected).abs().max() / expected.abs().max())
             tokens = sequences * length
             row = {
@@ -112,8 +114,9 @@ def run(
             }
             rows.append(row)
             print(
-                f"{phase:8s} L={L:3d} {sequences}x{length}: base {base_us / 1e3:8.2f} ms  PEFT x{row['peft_over_base']:.2f}"
-                f"  lora_fast x{row['lora_fast_over_base']:.2f} of base  ({row['speedup_vs_peft']:.2f}x PEFT)",
+                f"{phase:8s} L={L:3d} {sequences}x{length}: base {base_us / 1e3:8.2f} ms"
+                f"  PEFT x{row['peft_over_base']:.2f}  lora_fast x{row['lora_fast_over_base']:.2f} of base"
+                f"  ({row['speedup_vs_peft']:.2f}x PEFT)",
                 flush=True,
             )
         rows.append(generation_row(base_model, peft_model, L, shapes["decode"][0], vocab, new_tokens, device))
@@ -159,7 +162,8 @@ def generation_row(base_model, peft_model, L, sequences, vocab, new_tokens, devi
     }
     print(
         f"generate L={L:3d} {sequences}x{new_tokens}: base {generated / base_s:8.1f} tok/s  "
-        f"PEFT {generated / peft_s:8.1f}  lora_fast {generated / fast_s:8.1f}  same tokens: {row['same_tokens_as_peft']}",
+        f"PEFT {generated / peft_s:8.1f}  lora_fast {generated / fast_s:8.1f}"
+        f"  same tokens: {row['same_tokens_as_peft']}",
         flush=True,
     )
     return row
