@@ -34,6 +34,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 test: $(STAMP)
+	@if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check lora_fast kernels benchmarks tests setup.py; fi
 	$(PY) -m pytest -q --durations=10
 
 demo: $(STAMP)
