@@ -54,6 +54,23 @@ def magnitude(c):
     return float(expected(c).abs().max()) if c["x"].shape[0] else 0.0
 
 
+def run_delta(c, out, fused, x=None, batch=None, ranks="case"):
+    """kernels.lora_delta_ on a random case with the small test configs (x/batch/ranks overridable)."""
+    batch = c["batch"] if batch is None else batch
+    kernels.lora_delta_(
+        c["x"] if x is None else x,
+        c["A"],
+        c["B"],
+        batch.token_order,
+        batch.token_slots,
+        c["scales"],
+        c["ranks"] if ranks == "case" else ranks,
+        out,
+        fused=fused,
+        configs=SMALL,
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
@@ -61,19 +78,7 @@ def test_delta_kernels_match_reference(dtype, shape, fused):
     c = random_case(*shape, dtype=dtype, device=DEVICE)
     start = (torch.randn(shape[0], shape[3], device=DEVICE) * 3).to(dtype)
     out = start.clone()
-    b = c["batch"]
-    kernels.lora_delta_(
-        c["x"],
-        c["A"],
-        c["B"],
-        b.token_order,
-        b.token_slots,
-        c["scales"],
-        c["ranks"],
-        out,
-        fused=fused,
-        configs=SMALL,
-    )
+    run_delta(c, out, fused)
     assert_close(out, expected(c, start), dtype, magnitude=magnitude(c) + 3)
     untouched = c["ids"] < 0
     assert torch.equal(out[untouched], start[untouched])
@@ -119,19 +124,7 @@ def test_weights_past_the_rank_are_never_read_by_the_fused_kernel():
         c["A"][slot, rank:] = float("nan")
         c["B"][slot, :, rank:] = float("nan")
     out = torch.zeros(20, 30, dtype=torch.float16, device=DEVICE)
-    b = c["batch"]
-    kernels.lora_delta_(
-        c["x"],
-        c["A"],
-        c["B"],
-        b.token_order,
-        b.token_slots,
-        c["scales"],
-        c["ranks"],
-        out,
-        fused=True,
-        configs=SMALL,
-    )
+    run_delta(c, out, True)
     c["A"], c["B"] = c["A"].nan_to_num(0.0), c["B"].nan_to_num(0.0)
     assert_close(out, expected(c), torch.float16)
 
@@ -143,19 +136,7 @@ def test_edge_batches(fused):
     for c in (empty, none):
         out = torch.randn(c["x"].shape[0], c["B"].shape[1], device=DEVICE)
         start = out.clone()
-        b = c["batch"]
-        kernels.lora_delta_(
-            c["x"],
-            c["A"],
-            c["B"],
-            b.token_order,
-            b.token_slots,
-            c["scales"],
-            None,
-            out,
-            fused=fused,
-            configs=SMALL,
-        )
+        run_delta(c, out, fused, ranks=None)
         assert torch.equal(out, start)
 
 
@@ -166,18 +147,7 @@ def test_results_are_bitwise_repeatable_and_order_independent():
     runs = []
     for batch, x in ((c["batch"], c["x"]), (c["batch"], c["x"]), (shuffled, c["x"][order])):
         out = torch.zeros(64, 48, dtype=torch.bfloat16, device=DEVICE)
-        kernels.lora_delta_(
-            x,
-            c["A"],
-            c["B"],
-            batch.token_order,
-            batch.token_slots,
-            c["scales"],
-            c["ranks"],
-            out,
-            fused=False,
-            configs=SMALL,
-        )
+        run_delta(c, out, False, x=x, batch=batch)
         runs.append(out)
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0][order], runs[2])
@@ -217,17 +187,5 @@ def test_strided_weights_are_read_through_their_strides(fused):
     c["B"] = c["B"].transpose(1, 2).contiguous().transpose(1, 2)  # rank-major B
     c["A"] = c["A"].transpose(1, 2).contiguous().transpose(1, 2)  # column-major A
     out = torch.zeros(33, 40, device=DEVICE)
-    b = c["batch"]
-    kernels.lora_delta_(
-        c["x"],
-        c["A"],
-        c["B"],
-        b.token_order,
-        b.token_slots,
-        c["scales"],
-        c["ranks"],
-        out,
-        fused=fused,
-        configs=SMALL,
-    )
+    run_delta(c, out, fused)
     assert_close(out, expected(c), torch.float32)
