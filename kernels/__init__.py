@@ -16,6 +16,7 @@ else:
     from .lora_delta_backward import lora_delta_backward
     from .lora_expand import lora_expand_
     from .lora_shrink import lora_shrink, lora_shrink_partials
+    from .subspace_project import subspace_project
 
     __all__ = [
         "SUPPORTED_DTYPES",
@@ -25,4 +26,5 @@ else:
         "lora_expand_",
         "lora_shrink",
         "lora_shrink_partials",
+        "subspace_project",
     ]

@@ -134,3 +134,44 @@ def lora_delta_backward(
         if needs_B:
             dB[slot, :, :k] = (grad_rows.T @ (x_rows @ a.T) * scale).to(B.dtype)
     return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------
+# Subspace ops: adapters expressed as coefficients on a shared orthonormal basis.
+
+
+def subspace_project(weights: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weights [N, r, d]`` on ``basis [K, d]`` (orthonormal rows): ``(coefficients [N, r, K],
+    residual [N])`` with ``coefficients = weights @ basis^T`` and ``residual[n] = |W_n -
+    coefficients_n @ basis|_F^2``, the squared error of the reconstruction."""
+    acc = accumulation_dtype(weights.dtype)
+    w = weights.to(acc)
+    b = basis.to(acc)
+    coefficients = w @ b.T
+    residual = (w - coefficients @ b).square().sum(dim=(1, 2))
+    return coefficients, residual
+
+
+def subspace_weights(
+    basis_A: torch.Tensor, loadings_A: torch.Tensor, loadings_B: torch.Tensor, basis_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA weights that loadings stand for: ``A = loadings_A @ basis_A [S, r, d_in]`` and
+    ``B = basis_B^T @ loadings_B [S, d_out, r]``, from ``basis_A [K_A, d_in]``,
+    ``loadings_A [S, r, K_A]``, ``loadings_B [S, K_B, r]``, ``basis_B [K_B, d_out]``."""
+    return loadings_A @ basis_A, basis_B.T @ loadings_B
+
+
+def subspace_lora_delta(
+    x: torch.Tensor,
+    basis_A: torch.Tensor,
+    loadings_A: torch.Tensor,
+    loadings_B: torch.Tensor,
+    basis_B: torch.Tensor,
+    batch: AdapterBatch,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``lora_delta`` of the adapters that ``subspace_weights`` materialises."""
+    A, B = subspace_weights(basis_A, loadings_A, loadings_B, basis_B)
+    return lora_delta(x, A, B, batch, scales, ranks, out)
