@@ -33,11 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time the multi-adapter LoRA op on this machine's best backend against PEFT-style loops",
         add_help=False,
     )
+    eigen = commands.add_parser("eigen", help="EigenLoRAx: shared-subspace adapters (`eigen demo`)")
+    eigen.add_argument("action", choices=["demo"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from . import demo
 
         return demo.main(rest)
+    if args.command == "eigen":
+        from .methods import eigenlora_demo
+
+        return eigenlora_demo.main(rest)
     if args.command == "bench":
         _benchmarks_importable()
         from benchmarks import bench_lora_ops

@@ -80,3 +80,15 @@ def test_quick_peft_benchmark(tmp_path):
             assert row["same_tokens_as_peft"]
         else:
             assert row["max_rel_logit_error_vs_peft"] < 1e-4
+
+
+def test_eigenlora_serving_benchmark_is_exact_and_writes_results(tmp_path):
+    from benchmarks import bench_eigenlora
+
+    rows = bench_eigenlora.main(["--quick", "--out-dir", str(tmp_path)])
+    assert len(rows) == 2
+    for row in rows:
+        assert row["max_rel_error"] < 1e-5
+        assert row["loadings_us"] > 0 and row["materialised_us"] > 0
+        assert row["memory_ratio"] > 1
+    assert len(list(tmp_path.glob("eigenlora_serving_*"))) == 2

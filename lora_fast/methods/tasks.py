@@ -1,13 +1,15 @@
 """Generated task families and the train / evaluate loops the method experiments share.
 
-There is no labelled dataset offline, so tasks are made in code. The family used by the method
-experiments is the affine digit cipher: a prompt ``"39417="`` is answered digit by digit with
-``(m * d + k) mod 10`` (``m`` in {1, 3, 7, 9}, so every cipher is a permutation of the digits).
-Ciphers share structure (copy the digits, map each through a table) and differ in the table, which
-is what the subspace, generator and multi-task methods need.
+There is no labelled dataset offline, so tasks are made in code: a family of word transforms
+(``WORD_TASKS``: capitals, repeat, first letters, plural, ...). A prompt is one word, the answer
+its transform. The tasks share structure (read the word, write letters of it back) and differ in
+what they write, which is what the subspace, generator and multi-task methods need; a pretrained
+LLM learns each in tens of LoRA steps because it can already spell.
 
+A ``Codec`` turns prompts and answers into token ids: ``ChatCodec`` for an instruct model's
+tokenizer (a short chat turn, no system prompt), ``CharCodec`` for small models built in code.
 Accuracy is measured with teacher forcing: an answer is exact when the model's argmax at every
-answer position is the right digit, which is exactly when greedy decoding would produce it.
+answer position is the right token, which is exactly when greedy decoding would produce it.
 """
 
 from __future__ import annotations
@@ -22,83 +24,110 @@ from tqdm import tqdm
 from ..batch import AdapterBatch
 from ..layers import adapter_batch
 
-MULTIPLIERS = (1, 3, 7, 9)  # the units mod 10: each makes the cipher a permutation
-SEPARATOR = "="
-Codec = Callable[[str], list[int]]
+WORDS = (
+    "apple river stone cloud garden silver window candle forest bridge rocket pencil ocean planet tiger "
+    "violin castle mirror basket island lemon thunder mountain pillow dragon engine jacket kitten ladder "
+    "marble needle orange puzzle rabbit saddle tomato velvet wagon yellow zebra anchor butter copper "
+    "desert falcon guitar hammer iceberg jungle kettle lantern meadow"
+).split()
+HELD_OUT_WORDS = (
+    "harbor sunset button pepper camera dolphin feather goblet helmet insect jigsaw koala lizard "
+    "magnet nectar oyster parrot quartz ribbon spider"
+).split()
 
 
 @dataclass(frozen=True)
-class DigitCipher:
-    """The task ``d -> (multiplier * d + offset) mod 10`` applied to every digit of the prompt."""
+class WordTask:
+    """One task: ``transform(word)`` is the answer to the prompt ``word``."""
 
-    multiplier: int
-    offset: int
+    name: str
+    transform: Callable[[str], str]
 
-    def __post_init__(self) -> None:
-        if self.multiplier not in MULTIPLIERS:
-            raise ValueError(f"multiplier must be one of {MULTIPLIERS}, got {self.multiplier}")
-        if not 0 <= self.offset <= 9:
-            raise ValueError(f"offset must be in [0, 9], got {self.offset}")
-
-    @property
-    def name(self) -> str:
-        return f"cipher_m{self.multiplier}_k{self.offset}"
-
-    def apply(self, digits: str) -> str:
-        return "".join(str((self.multiplier * int(d) + self.offset) % 10) for d in digits)
-
-    def table(self) -> list[int]:
-        return [(self.multiplier * d + self.offset) % 10 for d in range(10)]
+    def apply(self, word: str) -> str:
+        return self.transform(word)
 
 
-def cipher_family(count: int, seed: int = 0, multipliers: Sequence[int] = MULTIPLIERS) -> list[DigitCipher]:
-    """``count`` distinct ciphers (never the identity), in a fixed shuffled order per seed."""
-    pool = [DigitCipher(m, k) for m in multipliers for k in range(10) if (m, k) != (1, 0)]
-    if not 1 <= count <= len(pool):
-        raise ValueError(
-            f"count must be in [1, {len(pool)}] for multipliers {tuple(multipliers)}, got {count}"
-        )
-    random.Random(seed).shuffle(pool)
-    return pool[:count]
+WORD_TASKS = {
+    task.name: task
+    for task in (
+        WordTask("upper", str.upper),
+        WordTask("title", str.title),
+        WordTask("repeat", lambda w: f"{w} {w}"),
+        WordTask("repeat3", lambda w: f"{w} {w} {w}"),
+        WordTask("initial", lambda w: w[0]),
+        WordTask("initial_upper", lambda w: w[0].upper()),
+        WordTask("first2", lambda w: w[:2]),
+        WordTask("last", lambda w: w[-1]),
+        WordTask("plural", lambda w: w + "s"),
+        WordTask("upper_repeat", lambda w: f"{w.upper()} {w.upper()}"),
+    )
+}
 
 
-def examples(task: DigitCipher, count: int, rng: random.Random, length: int = 3) -> list[tuple[str, str]]:
-    """``count`` (prompt, answer) pairs: ``length`` random digits then ``=``, and their cipher."""
-    pairs = []
-    for _ in range(count):
-        digits = "".join(rng.choice("0123456789") for _ in range(length))
-        pairs.append((digits + SEPARATOR, task.apply(digits)))
-    return pairs
+def word_tasks(names: Sequence[str] | None = None) -> list[WordTask]:
+    """The named tasks of ``WORD_TASKS`` (all of them by default), ValueError for unknown names."""
+    names = list(WORD_TASKS) if names is None else list(names)
+    unknown = [n for n in names if n not in WORD_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; tasks: {sorted(WORD_TASKS)}")
+    return [WORD_TASKS[n] for n in names]
 
 
-def hf_codec(tokenizer) -> Codec:
-    """A Hugging Face tokenizer as a codec (no special tokens added)."""
-    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+def examples(
+    task: WordTask, count: int, rng: random.Random, words: Sequence[str] = WORDS
+) -> list[tuple[str, str]]:
+    """``count`` (prompt, answer) pairs on words drawn from ``words``."""
+    return [(word, task.apply(word)) for word in (rng.choice(words) for _ in range(count))]
+
+
+class ChatCodec:
+    """An instruct model's tokenizer: the prompt is one user turn, the answer ends with end-of-turn."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._end = tokenizer.eos_token or ""
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, text: str) -> list[int]:
+        return self._ids(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+    def answer(self, text: str) -> list[int]:
+        return self._ids(text + self._end)
 
 
 class CharCodec:
     """One token per character, for small models built in code (``vocab_size`` ids, 0 = padding)."""
 
-    alphabet = "0123456789=;|>"
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :;"
     vocab_size = len(alphabet) + 1
     pad_id = 0
 
-    def __call__(self, text: str) -> list[int]:
+    def _ids(self, text: str) -> list[int]:
         try:
             return [self.alphabet.index(c) + 1 for c in text]
         except ValueError as err:
             raise ValueError(
-                f"CharCodec cannot encode {text!r}: characters must be in {self.alphabet!r}"
+                f"CharCodec cannot encode {text!r}: use characters of {self.alphabet!r}"
             ) from err
 
+    def prompt(self, text: str) -> list[int]:
+        return self._ids(text + ":")
 
-def encode(
-    codec: Codec, pairs: Sequence[tuple[str, str]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def answer(self, text: str) -> list[int]:
+        return self._ids(text + ";")
+
+
+Codec = ChatCodec | CharCodec
+
+
+def encode(codec: Codec, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids [N, L]``, ``labels [N, L]`` (-100 except on answers), ``attention_mask``."""
-    encoded = [(codec(prompt), codec(answer)) for prompt, answer in pairs]
+    encoded = [(codec.prompt(prompt), codec.answer(answer)) for prompt, answer in pairs]
     length = max(len(p) + len(a) for p, a in encoded)
-    ids = torch.full((len(pairs), length), pad_id)
+    ids = torch.full((len(pairs), length), codec.pad_id)
     labels = torch.full((len(pairs), length), -100)
     attention = torch.zeros((len(pairs), length), dtype=torch.long)
     for row, (prompt, answer) in enumerate(encoded):
@@ -135,41 +164,42 @@ def model_logits(model, ids, attention) -> torch.Tensor:
 def evaluate(
     model,
     codec: Codec,
-    pad_id: int,
-    tasks: Sequence[DigitCipher],
+    tasks: Sequence[WordTask],
     slots: Sequence[int],
     num_slots: int,
-    per_task: int,
-    seed: int,
+    words: Sequence[str] = HELD_OUT_WORDS,
     batch_size: int = 64,
 ) -> dict[str, dict[str, float]]:
-    """Exact-match and digit accuracy per task, each task's prompts served by its slot (-1: base).
+    """Per task, over every word of ``words``: ``exact`` (answers entirely right) and ``tokens``
+    (fraction of answer tokens right), each task's prompts served by its slot (-1: the base model).
 
     All tasks go through the model together, in mixed batches: one forward per ``batch_size``.
     """
-    rng = random.Random(seed)
     rows = [
-        (task, slot, pair)
+        (task, slot, (word, task.apply(word)))
         for task, slot in zip(tasks, slots, strict=True)
-        for pair in examples(task, per_task, rng)
+        for word in words
     ]
     was_training = model.training
     model.eval()
     exact_by_task: dict[str, list[float]] = {task.name: [] for task in tasks}
-    digits_by_task: dict[str, list[float]] = {task.name: [] for task in tasks}
+    tokens_by_task: dict[str, list[float]] = {task.name: [] for task in tasks}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, labels, attention = encode(codec, [pair for _, _, pair in chunk], pad_id)
+        ids, labels, attention = encode(codec, [pair for _, _, pair in chunk])
         batch = AdapterBatch([slot for _, slot, _ in chunk], num_slots, seq_len=ids.shape[1])
         with adapter_batch(batch):
             logits = model_logits(model, ids, attention)
-        exact, digits = answer_accuracy(logits, labels)
-        for (task, _, _), e, d in zip(chunk, exact.tolist(), digits.tolist(), strict=True):
+        exact, tokens = answer_accuracy(logits, labels)
+        for (task, _, _), e, t in zip(chunk, exact.tolist(), tokens.tolist(), strict=True):
             exact_by_task[task.name].append(float(e))
-            digits_by_task[task.name].append(d)
+            tokens_by_task[task.name].append(t)
     model.train(was_training)
     return {
-        name: {"exact": sum(exact_by_task[name]) / per_task, "digits": sum(digits_by_task[name]) / per_task}
+        name: {
+            "exact": sum(exact_by_task[name]) / len(words),
+            "tokens": sum(tokens_by_task[name]) / len(words),
+        }
         for name in exact_by_task
     }
 
@@ -178,8 +208,7 @@ def train_mixed(
     model,
     params: Iterable[torch.nn.Parameter],
     codec: Codec,
-    pad_id: int,
-    tasks: Sequence[DigitCipher],
+    tasks: Sequence[WordTask],
     slots: Sequence[int],
     num_slots: int,
     steps: int,
@@ -201,7 +230,7 @@ def train_mixed(
         for task, slot in zip(tasks, slots, strict=True):
             pairs += examples(task, per_task, rng)
             seq_slots += [slot] * per_task
-        ids, labels, attention = encode(codec, pairs, pad_id)
+        ids, labels, attention = encode(codec, pairs)
         batch = AdapterBatch(seq_slots, num_slots, seq_len=ids.shape[1])
         with adapter_batch(batch):
             loss = next_token_loss(model_logits(model, ids, attention), labels)

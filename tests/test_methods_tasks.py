@@ -1,0 +1,44 @@
+"""The generated task family and the shared train / evaluate helpers of the method experiments."""
+
+import pytest
+import torch
+
+from lora_fast.methods import tasks
+
+
+def test_word_tasks_and_bad_names():
+    assert tasks.WORD_TASKS["repeat3"].apply("cat") == "cat cat cat"
+    assert tasks.WORD_TASKS["first2"].apply("zebra") == "ze"
+    assert [t.name for t in tasks.word_tasks(["upper", "last"])] == ["upper", "last"]
+    with pytest.raises(ValueError, match="unknown task 'shout'"):
+        tasks.word_tasks(["upper", "shout"])
+    assert not set(tasks.WORDS) & set(tasks.HELD_OUT_WORDS)
+
+
+def test_encode_labels_only_answers_and_accuracy_is_teacher_forced():
+    codec = tasks.CharCodec()
+    ids, labels, attention = tasks.encode(codec, [("ab", "AB"), ("abc", "c"), ("a", "b")])
+    assert ids.shape == labels.shape == attention.shape == (3, 6)
+    assert attention[2].tolist() == [1, 1, 1, 1, 0, 0] and ids[2, 4:].eq(codec.pad_id).all()
+    assert labels[0].tolist() == [-100, -100, -100] + codec.answer("AB")
+    assert labels[1].tolist() == [-100] * 4 + codec.answer("c")
+    assert attention[1].tolist() == [1, 1, 1, 1, 1, 1] and attention[0].tolist() == [1] * 6
+    # logits that put all mass on the next label: exact; break one answer token: not exact
+    ids, labels = ids[:2], labels[:2]
+    logits = torch.zeros(2, 6, codec.vocab_size)
+    for row in range(2):
+        for pos in range(5):
+            target = labels[row, pos + 1]
+            if target >= 0:
+                logits[row, pos, target] = 1.0
+    exact, fraction = tasks.answer_accuracy(logits, labels)
+    assert exact.tolist() == [True, True] and fraction.tolist() == [1.0, 1.0]
+    logits[0, 3] = 0
+    logits[0, 3, 1] = 1.0
+    exact, fraction = tasks.answer_accuracy(logits, labels)
+    assert exact.tolist() == [False, True] and fraction[0] == pytest.approx(2 / 3)
+
+
+def test_char_codec_names_bad_text():
+    with pytest.raises(ValueError, match="CharCodec cannot encode"):
+        tasks.CharCodec().prompt("a1")
