@@ -1,6 +1,7 @@
 """`lora-fast eigen demo`: EigenLoRAx on a family of generated tasks, against plain LoRA.
 
-1. Trains one LoRA per task of ``tasks.WORD_TASKS`` (10 tasks), all at once in mixed batches.
+1. Trains one LoRA per seen task of ``tasks.WORD_TASKS`` (8 of 10), all at once in mixed batches,
+   then LoRAs for the held-out tasks with the same steps and batches as step 3 (the baseline).
 2. Fits the EigenLoRAx basis (K components per module side) on the adapters of all tasks but the
    held-out ones, and reports the variance each K keeps.
 3. For the held-out tasks, trains coefficient-only adapters on that basis (only r x K loadings
@@ -28,31 +29,6 @@ from lora_fast.methods import eigenlora
 from lora_fast.methods import tasks as task_data
 
 HELD_OUT = ("repeat3", "first2")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def load_model(tiny: bool, seed: int):
-    """``(model, codec)``: SmolLM2-135M-Instruct, or a two-layer random Llama for smoke tests."""
-    if tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        codec = task_data.CharCodec()
-        config = LlamaConfig(
-            vocab_size=codec.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
-        return LlamaForCausalLM(config).eval(), codec
-    from lora_fast.integrations import hf_models
-
-    model, tokenizer = hf_models.load_smollm2()
-    return model, task_data.ChatCodec(tokenizer)
 
 
 def lora_parameters(model, modules: Sequence[str], rank: int) -> int:
@@ -63,37 +39,34 @@ def lora_parameters(model, modules: Sequence[str], rank: int) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    model, codec = load_model(args.tiny, args.seed)
+    model, codec = task_data.load_model(args.tiny, args.seed)
     for param in model.parameters():
         param.requires_grad_(False)
     family = task_data.word_tasks()
     held_out = task_data.word_tasks(args.held_out)
     seen = [task for task in family if task.name not in args.held_out]
-    modules = task_data.target_linears(model, PROJECTIONS)
+    modules = task_data.target_linears(model, task_data.PROJECTIONS)
     generator = torch.Generator().manual_seed(args.seed)
 
-    # 1. one LoRA per task, all trained together in mixed batches
+    # 1. one LoRA per seen task, all trained together in mixed batches; then the held-out tasks'
+    # LoRAs with exactly the budget the coefficient-only adapters get below (the baseline)
     stacks = lora_fast.AdapterStacks(num_slots=len(family), max_rank=args.rank)
     for task in family:
         stacks.add(task.name, task_data.fresh_lora(model, modules, args.rank, generator), scales=args.scale)
     layers = lora_fast.inject_adapters(model, stacks)
-    params = [p for layer in layers.values() for p in layer.train_slots(range(len(family)))]
     slots = list(range(len(family)))
-    task_data.train_mixed(
-        model,
-        params,
-        codec,
-        family,
-        slots,
-        len(family),
-        args.lora_steps,
-        2,
-        args.lr,
-        args.seed,
-        f"LoRA: {len(family)} adapters in mixed batches",
-    )
-    for layer in layers.values():
-        layer.freeze_slots()
+    seen_slots = [stacks.slot_of(t.name) for t in seen]
+    held_out_slots = [stacks.slot_of(t.name) for t in held_out]
+    for group, group_slots, steps, per_task, label in (
+        (seen, seen_slots, args.lora_steps, 2, f"LoRA: {len(seen)} seen tasks in mixed batches"),
+        (held_out, held_out_slots, args.eigen_steps, args.eigen_per_task, "LoRA: held-out tasks"),
+    ):
+        params = [p for layer in layers.values() for p in layer.train_slots(group_slots)]
+        task_data.train_mixed(
+            model, params, codec, group, group_slots, len(family), steps, per_task, args.lr, args.seed, label
+        )
+        for layer in layers.values():
+            layer.freeze_slots()
     lora_scores = task_data.evaluate(model, codec, family, slots, len(family))
     base_scores = task_data.evaluate(model, codec, held_out, [-1] * len(held_out), len(family))
     for name, layer in layers.items():
@@ -244,10 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=2.0)
     parser.add_argument("--k", type=int, default=32, help="basis components per module side")
-    parser.add_argument("--lora-steps", type=int, default=60)
+    parser.add_argument("--lora-steps", type=int, default=100, help="steps for the seen tasks' LoRAs")
     parser.add_argument("--eigen-steps", type=int, default=60)
     parser.add_argument("--eigen-per-task", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eigen-lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for eigenlora_<model>.json/.md")

@@ -38,10 +38,12 @@ HELD_OUT_WORDS = (
 
 @dataclass(frozen=True)
 class WordTask:
-    """One task: ``transform(word)`` is the answer to the prompt ``word``."""
+    """One task: ``transform(word)`` is the answer to the prompt ``word`` (or, instructed,
+    ``"<instruction>: word"``, for models that must tell the tasks apart from the prompt)."""
 
     name: str
     transform: Callable[[str], str]
+    instruction: str
 
     def apply(self, word: str) -> str:
         return self.transform(word)
@@ -50,16 +52,16 @@ class WordTask:
 WORD_TASKS = {
     task.name: task
     for task in (
-        WordTask("upper", str.upper),
-        WordTask("title", str.title),
-        WordTask("repeat", lambda w: f"{w} {w}"),
-        WordTask("repeat3", lambda w: f"{w} {w} {w}"),
-        WordTask("initial", lambda w: w[0]),
-        WordTask("initial_upper", lambda w: w[0].upper()),
-        WordTask("first2", lambda w: w[:2]),
-        WordTask("last", lambda w: w[-1]),
-        WordTask("plural", lambda w: w + "s"),
-        WordTask("upper_repeat", lambda w: f"{w.upper()} {w.upper()}"),
+        WordTask("upper", str.upper, "Write in capitals"),
+        WordTask("title", str.title, "Capitalize"),
+        WordTask("repeat", lambda w: f"{w} {w}", "Repeat twice"),
+        WordTask("repeat3", lambda w: f"{w} {w} {w}", "Repeat three times"),
+        WordTask("initial", lambda w: w[0], "First letter"),
+        WordTask("initial_upper", lambda w: w[0].upper(), "First letter in capitals"),
+        WordTask("first2", lambda w: w[:2], "First two letters"),
+        WordTask("last", lambda w: w[-1], "Last letter"),
+        WordTask("plural", lambda w: w + "s", "Plural"),
+        WordTask("upper_repeat", lambda w: f"{w.upper()} {w.upper()}", "Capitals twice"),
     )
 }
 
@@ -74,10 +76,15 @@ def word_tasks(names: Sequence[str] | None = None) -> list[WordTask]:
 
 
 def examples(
-    task: WordTask, count: int, rng: random.Random, words: Sequence[str] = WORDS
+    task: WordTask, count: int, rng: random.Random, words: Sequence[str] = WORDS, instructed: bool = False
 ) -> list[tuple[str, str]]:
     """``count`` (prompt, answer) pairs on words drawn from ``words``."""
-    return [(word, task.apply(word)) for word in (rng.choice(words) for _ in range(count))]
+    return [prompt_pair(task, rng.choice(words), instructed) for _ in range(count)]
+
+
+def prompt_pair(task: WordTask, word: str, instructed: bool = False) -> tuple[str, str]:
+    """``(prompt, answer)`` of ``task`` on ``word``."""
+    return (f"{task.instruction}: {word}" if instructed else word), task.apply(word)
 
 
 class ChatCodec:
@@ -121,6 +128,32 @@ class CharCodec:
 
 
 Codec = ChatCodec | CharCodec
+# the Linear layers the experiments adapt: the 7 projections of every Llama decoder layer
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_model(tiny: bool, seed: int):
+    """``(model, codec)``: SmolLM2-135M-Instruct, or a two-layer random Llama for smoke tests."""
+    if tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        codec = CharCodec()
+        config = LlamaConfig(
+            vocab_size=codec.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+        return LlamaForCausalLM(config).eval(), codec
+    from ..integrations import hf_models
+
+    model, tokenizer = hf_models.load_smollm2()
+    return model, ChatCodec(tokenizer)
 
 
 def encode(codec: Codec, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,6 +202,7 @@ def evaluate(
     num_slots: int,
     words: Sequence[str] = HELD_OUT_WORDS,
     batch_size: int = 64,
+    instructed: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per task, over every word of ``words``: ``exact`` (answers entirely right) and ``tokens``
     (fraction of answer tokens right), each task's prompts served by its slot (-1: the base model).
@@ -217,6 +251,7 @@ def train_mixed(
     seed: int,
     desc: str,
     weight_decay: float = 0.0,
+    instructed: bool = False,
 ) -> list[float]:
     """AdamW on ``params``: every step one batch mixing ``per_task`` examples of every task, each
     sequence routed to its task's slot. Returns the loss per step."""
@@ -228,7 +263,7 @@ def train_mixed(
     for _ in progress:
         pairs, seq_slots = [], []
         for task, slot in zip(tasks, slots, strict=True):
-            pairs += examples(task, per_task, rng)
+            pairs += examples(task, per_task, rng, instructed=instructed)
             seq_slots += [slot] * per_task
         ids, labels, attention = encode(codec, pairs)
         batch = AdapterBatch(seq_slots, num_slots, seq_len=ids.shape[1])
