@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     eigen = commands.add_parser("eigen", help="EigenLoRAx: shared-subspace adapters (`eigen demo`)")
     eigen.add_argument("action", choices=["demo"])
+    multi_task = commands.add_parser(
+        "mtlora", help="MTLoRA: task-agnostic + task-specific LoRA on mixed-task batches (`mtlora demo`)"
+    )
+    multi_task.add_argument("action", choices=["demo"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from . import demo
@@ -44,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .methods import eigenlora_demo
 
         return eigenlora_demo.main(rest)
+    if args.command == "mtlora":
+        from .methods import mtlora_demo
+
+        return mtlora_demo.main(rest)
     if args.command == "bench":
         _benchmarks_importable()
         from benchmarks import bench_lora_ops

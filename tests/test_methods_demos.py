@@ -32,3 +32,29 @@ def test_eigen_demo_tiny(tmp_path, capsys):
     assert 0 < params["eigenlora"] < params["lora"]
     assert set(result["explained_variance"]) == {"1", "2", "4", "8"}
     assert "EigenLoRAx / LoRA score" in capsys.readouterr().out
+
+
+def test_mtlora_demo_tiny_text(tmp_path):
+    assert (
+        main(["mtlora", "demo", "--tiny", "--steps", "2", "--timing-repeats", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    result = json.loads((tmp_path / "mtlora_text_tiny.json").read_text())
+    variants = result["variants"]
+    assert list(variants) == ["base model", "single-task LoRA", "shared LoRA", "full fine-tuning", "MTLoRA"]
+    assert result["tasks"] == ["upper", "repeat", "first2", "plural"]
+    assert variants["MTLoRA"]["trainable_parameters"] == result["mtlora_parameters"]["total"] > 0
+    assert result["mtlora_step_time"]["mixed_s"] > 0
+
+
+def test_mtlora_demo_tiny_vision(tmp_path):
+    assert (
+        main(["mtlora", "demo", "--vision", "--tiny", "--timing-repeats", "1", "--out", str(tmp_path)]) == 0
+    )
+    result = json.loads((tmp_path / "mtlora_vision_tiny.json").read_text())
+    variants = result["variants"]
+    assert set(result["tasks"]) == {"parity", "above_four", "flipped", "rotated_digit"}
+    full, multi = variants["full fine-tuning"], variants["MTLoRA"]
+    assert full["trainable_parameters"] > 3 * multi["trainable_parameters"]
+    for variant in variants.values():
+        assert all(0.0 <= score <= 1.0 for score in variant["scores"].values())

@@ -137,3 +137,24 @@ def test_delta_m_matches_the_paper_definition():
     assert mtlora.delta_m(multi, single, lower_is_better={"loss"}) == pytest.approx(
         100 * (0.2 - 0.25 + 0.5) / 3
     )
+
+
+def test_vision_model_gives_each_stage_its_task_batch():
+    from lora_fast.methods import mtlora_vision
+
+    torch.manual_seed(0)
+    model = mtlora_vision.HierarchicalViT({"a": 2, "b": 3}).eval()
+    shared, specific = mtlora_vision.PLACEMENT.resolve(model)
+    assert len(shared) == 16 and len(specific) == 6
+    mt = mtlora.inject_mtlora(
+        model, mtlora_vision.PLACEMENT, ["a", "b"], shared_rank=2, task_rank=1, dropout=0.0
+    )
+    with torch.no_grad():
+        for param in mt.parameters():
+            param.normal_(0, 0.3)
+    images = torch.rand(3, 8, 8)
+    slots = torch.tensor([1, 0, -1])
+    mixed = model.features(images, slots, 2)
+    for i in range(3):
+        assert_close(mixed[i], model.features(images[i : i + 1], slots[i : i + 1], 2)[0], torch.float32, 1.0)
+    assert not torch.allclose(mixed[0], model.features(images[:1], torch.tensor([0]), 2)[0])

@@ -1,0 +1,363 @@
+"""MTLoRA's image setting: a small hierarchical vision transformer on scikit-learn's digits.
+
+The model (``HierarchicalViT``) is built of nn.Linear layers in the shape of the paper's Swin
+backbone, scaled down to 8x8 images: 2x2 patches (16 tokens, width 32) through a stage of two
+blocks, a patch-merging layer (4 tokens, width 64), a second stage of two blocks, mean pooling,
+one head per task. It is pre-trained in code on digit classification, then adapted to several
+tasks with per-task heads. ``forward(images, image_slots, num_slots)`` runs each stage inside its
+own AdapterBatch (one slot per image, the stage's tokens per image), so MultiLoRALinear and
+MTLoRALinear layers see every token's slot.
+
+Placement (paper): TA on qkv / proj / fc1 / fc2 of every block, TS on proj / fc1 / fc2 of the last
+block of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import lora_fast
+from lora_fast.methods import mtlora
+
+PLACEMENT = mtlora.MTLoRAPlacement(
+    shared=(r"stages\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",),
+    task_specific=(r"stages\.\d+\.blocks\.1\.(attn\.proj|mlp\.fc1|mlp\.fc2)",),
+)
+
+
+def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    flipped = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flipped[:, None, None], images.flip(-1), images), flipped.long()
+
+
+# name -> (classes, transform(images, digit labels, generator) -> (images, task labels))
+TASKS = {
+    "parity": (2, lambda x, y, g: (x, y % 2)),
+    "above_four": (2, lambda x, y, g: (x, (y > 4).long())),
+    "flipped": (2, _flip),
+    "rotated_digit": (10, lambda x, y, g: (x.rot90(1, (-2, -1)), y)),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(width, 3 * width)
+        self.attn.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(width, 2 * width)
+        self.mlp.fc2 = nn.Linear(2 * width, width)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, L, W = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(N, L, 3, self.heads, W // self.heads).unbind(2)
+        attended = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        x = x + self.attn.proj(attended.transpose(1, 2).reshape(N, L, W))
+        return x + self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class Stage(nn.Module):
+    def __init__(self, width: int, heads: int, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class HierarchicalViT(nn.Module):
+    """8x8 images ``[N, 8, 8]`` -> pooled features ``[N, 64]``; ``heads[task]`` maps them to logits."""
+
+    def __init__(self, tasks: dict[str, int]) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(4, 32)
+        self.position = nn.Parameter(torch.randn(16, 32) * 0.02)
+        self.stages = nn.ModuleList([Stage(32, 2), Stage(64, 4)])
+        self.merge = nn.Linear(4 * 32, 64)
+        self.norm = nn.LayerNorm(64)
+        self.heads = nn.ModuleDict({name: nn.Linear(64, classes) for name, classes in tasks.items()})
+
+    def features(self, images: torch.Tensor, image_slots: torch.Tensor | None = None, num_slots: int = 1):
+        N = images.shape[0]
+        patches = images.view(N, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(N, 16, 4)
+        x = self.patch_embed(patches) + self.position
+        for index, stage in enumerate(self.stages):
+            if index:  # merge 2x2 neighbouring tokens: 4x4 grid of 32 -> 2x2 grid of 64
+                x = x.view(N, 2, 2, 2, 2, 32).permute(0, 1, 3, 2, 4, 5).reshape(N, 4, 128)
+                x = self.merge(x)
+            batch = (
+                None if image_slots is None else lora_fast.AdapterBatch(image_slots, num_slots, x.shape[1])
+            )
+            with lora_fast.adapter_batch(batch):
+                x = stage(x)
+        return self.norm(x.mean(dim=1))
+
+
+def load_digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digit images in [0, 1], split 70 / 30: train x, y, test x, y."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    data = sklearn_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.7 * len(labels))
+    return images[order[:cut]], labels[order[:cut]], images[order[cut:]], labels[order[cut:]]
+
+
+def task_data(tasks, images, labels, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each task's (images, labels): the digits through the task's transform (fixed per seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: TASKS[name][1](images, labels, generator) for name in tasks}
+
+
+def pretrain(model: HierarchicalViT, images, labels, steps: int, seed: int) -> None:
+    """Digit classification (head ``digit``), every parameter trained: the backbone's pre-training."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    for _ in tqdm(range(steps), desc="pre-training the ViT on digits", unit="step", leave=False):
+        index = torch.randint(0, len(labels), (128,))
+        loss = nn.functional.cross_entropy(model.heads["digit"](model.features(images[index])), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def train_tasks(model, tasks, data, params, slot_of, num_slots, steps, per_task, lr, seed, label) -> float:
+    """Mixed-task batches (``per_task`` images of every task), the sum of per-task losses, each
+    task on its head; returns seconds per step."""
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    started = time.perf_counter()
+    for _ in tqdm(range(steps), desc=label, unit="step", leave=False):
+        chosen = {t: torch.randint(0, len(data[t][1]), (per_task,), generator=rng) for t in tasks}
+        images = torch.cat([data[t][0][chosen[t]] for t in tasks])
+        slots = torch.tensor([slot_of(t) for t in tasks for _ in range(per_task)])
+        features = model.features(images, slots, num_slots)
+        loss = sum(
+            nn.functional.cross_entropy(
+                model.heads[t](features[i * per_task : (i + 1) * per_task]), data[t][1][chosen[t]]
+            )
+            for i, t in enumerate(tasks)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return (time.perf_counter() - started) / steps
+
+
+@torch.no_grad()
+def accuracy(model, tasks, data, slot_of, num_slots) -> dict[str, float]:
+    scores = {}
+    for t in tasks:
+        images, labels = data[t]
+        slots = torch.full((len(labels),), slot_of(t))
+        predicted = model.heads[t](model.features(images, slots, num_slots)).argmax(-1)
+        scores[t] = float((predicted == labels).float().mean())
+    return scores
+
+
+def run(args: argparse.Namespace, rest) -> dict:
+    parser = argparse.ArgumentParser(prog="lora-fast mtlora demo --vision")
+    parser.add_argument("--vision-tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--images-per-task", type=int, default=32)
+    # the paper's 64 / 4 on Swin-T widths (96-768) scaled to widths 32 / 64
+    parser.add_argument("--vision-shared-rank", type=int, default=4)
+    parser.add_argument("--vision-task-rank", type=int, default=2)
+    parser.add_argument("--vision-single-rank", type=int, default=4)
+    vision = parser.parse_args(rest)
+    if args.tiny:
+        vision.pretrain_steps, vision.vision_steps = 5, 3
+    started = time.perf_counter()
+    tasks = list(vision.vision_tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown vision task {unknown[0]!r}; tasks: {sorted(TASKS)}")
+    train_x, train_y, test_x, test_y = load_digits(args.seed)
+    torch.manual_seed(args.seed)
+    model = HierarchicalViT({"digit": 10, **{t: TASKS[t][0] for t in tasks}})
+    pretrain(model, train_x, train_y, vision.pretrain_steps, args.seed)
+    digit_accuracy = float((model.heads["digit"](model.features(test_x)).argmax(-1) == test_y).float().mean())
+    mtlora.check_task_heads(tasks, model.heads)
+    train = task_data(tasks, train_x, train_y, args.seed)
+    test = task_data(tasks, test_x, test_y, args.seed + 1)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    shared_names, _ = PLACEMENT.resolve(model)
+    steps, per_task = vision.vision_steps, vision.images_per_task
+
+    def heads():
+        params = [p for t in tasks for p in model.heads[t].parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def reset():
+        model.load_state_dict(pretrained)
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    variants = {}
+    head_params = heads()
+    seconds = train_tasks(
+        model,
+        tasks,
+        train,
+        head_params,
+        lambda t: -1,
+        1,
+        steps,
+        per_task,
+        args.lr * 3,
+        args.seed,
+        "heads only",
+    )
+    head_count = sum(p.numel() for p in head_params)
+    variants["heads only (frozen backbone)"] = (
+        accuracy(model, tasks, test, lambda t: -1, 1),
+        head_count,
+        seconds,
+    )
+    reset()
+
+    def lora_variant(num_slots, rank, slot_of, label):
+        stacks = lora_fast.AdapterStacks(num_slots=num_slots, max_rank=rank)
+        generator = torch.Generator().manual_seed(args.seed)
+        for slot in range(num_slots):
+            weights = {}
+            for name in shared_names:
+                linear = model.get_submodule(name)
+                A = (
+                    torch.rand(rank, linear.in_features, generator=generator) * 2 - 1
+                ) / linear.in_features**0.5
+                weights[name] = (A, torch.zeros(linear.out_features, rank))
+            stacks.add(f"slot{slot}", weights, scales=args.scale)
+        layers = lora_fast.inject_adapters(model, stacks, dropout=args.dropout)
+        params = [p for layer in layers.values() for p in layer.train_slots(range(num_slots))] + heads()
+        seconds = train_tasks(
+            model, tasks, train, params, slot_of, num_slots, steps, per_task, args.lr * 3, args.seed, label
+        )
+        scores = accuracy(model, tasks, test, slot_of, num_slots)
+        count = sum(p.numel() for p in params)
+        for name, layer in layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.base)
+        reset()
+        return scores, count, seconds
+
+    variants["single-task LoRA"] = lora_variant(
+        len(tasks), vision.vision_single_rank, tasks.index, "single-task LoRA"
+    )
+    variants["shared LoRA"] = lora_variant(1, vision.vision_shared_rank, lambda t: 0, "shared LoRA")
+
+    weights = [model.get_submodule(name).weight for name in shared_names]
+    for weight in weights:
+        weight.requires_grad_(True)
+    params = weights + heads()
+    seconds = train_tasks(
+        model, tasks, train, params, lambda t: -1, 1, steps, per_task, args.lr, args.seed, "full FT"
+    )
+    variants["full fine-tuning"] = (
+        accuracy(model, tasks, test, lambda t: -1, 1),
+        sum(p.numel() for p in params),
+        seconds,
+    )
+    reset()
+
+    mt = mtlora.inject_mtlora(
+        model,
+        PLACEMENT,
+        tasks,
+        vision.vision_shared_rank,
+        vision.vision_task_rank,
+        args.scale,
+        args.scale,
+        args.mode,
+        args.dropout,
+        args.seed,
+    )
+    params = mt.parameters() + heads()
+    seconds = train_tasks(
+        model,
+        tasks,
+        train,
+        params,
+        tasks.index,
+        len(tasks),
+        steps,
+        per_task,
+        args.lr * 3,
+        args.seed,
+        "MTLoRA",
+    )
+    variants["MTLoRA"] = (
+        accuracy(model, tasks, test, tasks.index, len(tasks)),
+        sum(p.numel() for p in params),
+        seconds,
+    )
+    step_time = _step_times(model, tasks, train, mt, per_task, args.timing_repeats)
+    single = variants["single-task LoRA"][0]
+    return {
+        "setting": "vision",
+        "model": f"hierarchical ViT pre-trained in code on digits (test accuracy {digit_accuracy:.3f})",
+        "tasks": tasks,
+        "metric": "test accuracy (scikit-learn digits, 30% held out)",
+        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, **vars(vision)},
+        "variants": {
+            name: {
+                "scores": scores,
+                "mean": sum(scores.values()) / len(scores),
+                "delta_m": mtlora.delta_m(scores, single) if name != "single-task LoRA" else 0.0,
+                "trainable_parameters": count,
+                "seconds_per_step": seconds,
+            }
+            for name, (scores, count, seconds) in variants.items()
+        },
+        "mtlora_parameters": mt.num_parameters(),
+        "mtlora_step_time": step_time,
+        "seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _step_times(model, tasks, data, mt, per_task, repeats) -> dict:
+    """Forward + backward seconds of one MTLoRA step on the same images: tasks mixed vs one task."""
+    images = torch.cat([data[t][0][:per_task] for t in tasks])
+    times = {}
+    model.train()
+    for label, slots in (
+        ("mixed", torch.tensor([i for i in range(len(tasks)) for _ in range(per_task)])),
+        ("single", torch.zeros(len(tasks) * per_task, dtype=torch.long)),
+    ):
+        samples = []
+        for repeat in range(repeats + 1):
+            started = time.perf_counter()
+            model.features(images, slots, len(tasks)).square().sum().backward()
+            if repeat:
+                samples.append(time.perf_counter() - started)
+        times[label] = statistics.median(samples)
+    model.eval()
+    return {
+        "mixed_s": times["mixed"],
+        "single_s": times["single"],
+        "mixed_over_single": times["mixed"] / times["single"],
+    }
