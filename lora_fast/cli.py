@@ -39,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mtlora", help="MTLoRA: task-agnostic + task-specific LoRA on mixed-task batches (`mtlora demo`)"
     )
     multi_task.add_argument("action", choices=["demo"])
+    commands.add_parser(
+        "icm",
+        help="ICM-LoRA: generate a task's LoRA from in-context demonstrations (`icm demo|train|generate`)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from . import demo
@@ -52,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .methods import mtlora_demo
 
         return mtlora_demo.main(rest)
+    if args.command == "icm":
+        from .methods import icm_lora_demo
+
+        return icm_lora_demo.main(rest)
     if args.command == "bench":
         _benchmarks_importable()
         from benchmarks import bench_lora_ops

@@ -6,32 +6,21 @@ from lora_fast.cli import main
 
 
 def test_eigen_demo_tiny(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "eigen",
-                "demo",
-                "--tiny",
-                "--k",
-                "8",
-                "--lora-steps",
-                "3",
-                "--eigen-steps",
-                "3",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    args = ["eigen", "demo", "--tiny", "--k", "2", "8", "--lora-steps", "3", "--eigen-steps", "3"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "eigenlora_tiny.json").read_text())
-    assert [row["task"] for row in result["rows"]] == ["repeat3", "first2"]
-    params = result["trainable_parameters"]
-    # 2 layers x 7 projections x r=8 x (K_A + K_B) = 8 + 8
-    assert params["eigenlora"] == 2 * 7 * 8 * 16
-    assert 0 < params["eigenlora"] < params["lora"]
+    assert result["held_out"] == ["repeat3", "first2"]
+    assert [row["k"] for row in result["sweep"]] == [2, 8]
+    # 2 layers x 7 projections x r=8 x (K_A + K_B)
+    assert [row["trainable_parameters"] for row in result["sweep"]] == [2 * 7 * 8 * 4, 2 * 7 * 8 * 16]
+    assert all(0 < row["fraction_of_lora"] < 1 for row in result["sweep"])
+    assert (
+        set(result["sweep"][0]["eigenlora"])
+        == set(result["sweep"][0]["random_basis"])
+        == {"repeat3", "first2"}
+    )
     assert set(result["explained_variance"]) == {"1", "2", "4", "8"}
-    assert "EigenLoRAx / LoRA score" in capsys.readouterr().out
+    assert "Goal: EigenLoRAx >= 0.95" in capsys.readouterr().out
 
 
 def test_mtlora_demo_tiny_text(tmp_path):
@@ -58,3 +47,70 @@ def test_mtlora_demo_tiny_vision(tmp_path):
     assert full["trainable_parameters"] > 3 * multi["trainable_parameters"]
     for variant in variants.values():
         assert all(0.0 <= score <= 1.0 for score in variant["scores"].values())
+
+
+ICM_TINY = [
+    "--tiny",
+    "--steps",
+    "4",
+    "--keep-last",
+    "4",
+    "--keep-every",
+    "2",
+    "--epochs",
+    "2",
+    "--draws",
+    "2",
+    "--demos",
+    "2",
+]
+
+
+def test_icm_demo_tiny(tmp_path, capsys):
+    assert main(["icm", "demo", *ICM_TINY, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "icm_lora_tiny.json").read_text())
+    assert result["held_out"] == ["repeat_x4", "prefix_3"] and len(result["seen"]) == 8
+    assert result["checkpoints_per_task"] == 2
+    scores = result["scores"]
+    assert set(scores) == {
+        "base model",
+        "trained LoRA",
+        "generated (predicted stats)",
+        "generated (oracle stats)",
+        "mean of checkpoints",
+        "unconditional VAE",
+    }
+    assert scores["trained LoRA"]["prefix_3"]["delta_error"] == 0.0
+    assert result["generation_seconds_per_adapter"] > 0
+    assert "Generated / trained on seen tasks" in capsys.readouterr().out
+
+
+def test_icm_train_then_generate_writes_peft_adapters(tmp_path):
+    generator = tmp_path / "generator.safetensors"
+    assert main(["icm", "train", *ICM_TINY, "--generator", str(generator)]) == 0
+    out = tmp_path / "adapters"
+    assert (
+        main(
+            [
+                "icm",
+                "generate",
+                "--tiny",
+                "--generator",
+                str(generator),
+                "--task",
+                "prefix_3",
+                "repeat_x2",
+                "--demos",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    import lora_fast
+
+    stacks = lora_fast.AdapterStacks(num_slots=2, max_rank=4)
+    for name in ("prefix_3", "repeat_x2"):
+        stacks.load_peft(out / name)
+    assert stacks.slot_names == ["prefix_3", "repeat_x2"]

@@ -89,6 +89,22 @@ class EigenBasis:
             kept[side] = sum(values) / len(values)
         return kept
 
+    def truncate(self, k: int, k_B: int | None = None) -> EigenBasis:
+        """The first ``k`` (``k_B`` for B) components of every basis: the PCA for a smaller K."""
+        k_B = k if k_B is None else k_B
+        bases = {}
+        for module, (basis_A, basis_B) in self.bases.items():
+            for side, basis, keep in (("A", basis_A, k), ("B", basis_B, k_B)):
+                if not 1 <= keep <= basis.num_components:
+                    raise ValueError(
+                        f"module {module!r}, {side}: cannot keep {keep} of {basis.num_components} components"
+                    )
+            bases[module] = tuple(
+                SubspaceBasis(b.components[:keep], b.mean, b.explained_variance[:keep])
+                for b, keep in ((basis_A, k), (basis_B, k_B))
+            )
+        return EigenBasis(bases, self.fitted_on)
+
     def num_parameters(self) -> int:
         """Numbers stored by the bases (shared by every adapter)."""
         return sum(b.components.numel() for pair in self.bases.values() for b in pair)

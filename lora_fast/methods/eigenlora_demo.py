@@ -73,13 +73,16 @@ def run(args: argparse.Namespace) -> dict:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
 
-    # 2. the basis of the seen tasks' adapters
-    basis = eigenlora.fit_basis(stacks, k=args.k, names=[t.name for t in seen])
+    # 2. the basis of the seen tasks' adapters (fitted once at the largest K; PCA is nested)
+    largest = max(args.k)
+    basis = eigenlora.fit_basis(stacks, k=largest, names=[t.name for t in seen])
     max_k = len(seen) * args.rank
-    variance = {k: basis.explained_variance(k) for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.k}
-    projected = eigenlora.project_adapters(basis, stacks, names=[t.name for t in held_out])
+    variance = {
+        k: basis.explained_variance(k) for k in sorted({1, 2, 4, 8, 16, 32, 64, *args.k}) if k <= largest
+    }
 
-    # 3. coefficient-only adapters for the held-out tasks, on the fitted and on a random basis
+    # 3. per K: coefficient-only adapters for the held-out tasks on the fitted basis and on a random
+    # one, and the held-out LoRAs projected onto the fitted basis without training
     def train_on(basis_used: eigenlora.EigenBasis, label: str, with_projected: bool):
         num_slots = len(held_out) * (2 if with_projected else 1)
         eigen_layers = eigenlora.inject_eigenlora(model, basis_used, num_slots, args.rank)
@@ -106,90 +109,108 @@ def run(args: argparse.Namespace) -> dict:
         )
         for layer in eigen_layers.values():
             layer.freeze_slots()
-        served = list(held_out) * (2 if with_projected else 1)
-        scores = task_data.evaluate(model, codec, served[: len(held_out)], range(len(held_out)), num_slots)
-        projected_scores = None
-        if with_projected:
-            projected_scores = task_data.evaluate(
-                model, codec, held_out, range(len(held_out), num_slots), num_slots
-            )
+        everything = list(held_out) * (2 if with_projected else 1)
+        scores = task_data.evaluate(model, codec, everything, range(num_slots), num_slots)
         eigenlora.remove_eigenlora(model, eigen_layers)
-        return scores, projected_scores, sum(p.numel() for p in trainable) // len(held_out)
-
-    eigen_scores, projected_scores, eigen_params = train_on(basis, "EigenLoRAx", True)
-    random_scores, _, _ = train_on(eigenlora.random_basis_like(basis, args.seed), "random basis", False)
+        trained = {task.name: scores[task.name]["exact"] for task in held_out}
+        return trained, sum(p.numel() for p in trainable) // len(held_out), num_slots
 
     lora_params = lora_parameters(model, modules, args.rank)
-    element = torch.finfo(torch.float32).bits // 8
-    rows = []
-    for task in held_out:
-        rows.append(
+    sweep = []
+    for k in sorted(args.k):
+        basis_k = basis.truncate(k)
+        projected = eigenlora.project_adapters(basis_k, stacks, names=[t.name for t in held_out])
+        eigen_scores, eigen_params, _ = train_on(basis_k, f"EigenLoRAx K={k}", False)
+        random_scores, _, _ = train_on(
+            eigenlora.random_basis_like(basis_k, args.seed), f"random basis K={k}", False
+        )
+        projected_scores = projected_accuracy(model, codec, held_out, basis_k, projected, args)
+        sweep.append(
             {
-                "task": task.name,
-                "base": base_scores[task.name]["exact"],
-                "lora": lora_scores[task.name]["exact"],
-                "eigenlora": eigen_scores[task.name]["exact"],
-                "random_basis": random_scores[task.name]["exact"],
-                "projected_lora": projected_scores[task.name]["exact"],
-                "projection_error_A": projected[task.name].mean_error()[0],
-                "projection_error_B": projected[task.name].mean_error()[1],
+                "k": k,
+                "trainable_parameters": eigen_params,
+                "fraction_of_lora": eigen_params / lora_params,
+                "eigenlora": eigen_scores,
+                "random_basis": random_scores,
+                "projected_lora": projected_scores,
+                "projection_error": {name: projected[name].mean_error() for name in projected},
             }
         )
 
-    def mean(key: str) -> float:
-        return sum(row[key] for row in rows) / len(rows)
-
+    element = torch.finfo(torch.float32).bits // 8
     return {
         "model": "tiny random Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
         "tasks": [t.name for t in family],
         "held_out": list(args.held_out),
         "rank": args.rank,
-        "k": args.k,
         "max_k": max_k,
         "lora_steps": args.lora_steps,
         "eigen_steps": args.eigen_steps,
         "explained_variance": {str(k): v for k, v in variance.items()},
         "seen_lora_exact": {t.name: lora_scores[t.name]["exact"] for t in seen},
-        "rows": rows,
-        "mean": {key: mean(key) for key in ("base", "lora", "eigenlora", "random_basis", "projected_lora")},
-        "trainable_parameters": {"lora": lora_params, "eigenlora": eigen_params},
-        "bytes_per_adapter_fp32": {"lora": lora_params * element, "eigenlora": eigen_params * element},
+        "base": {t.name: base_scores[t.name]["exact"] for t in held_out},
+        "lora": {t.name: lora_scores[t.name]["exact"] for t in held_out},
+        "lora_parameters": lora_params,
+        "sweep": sweep,
+        "bytes_per_adapter_fp32": {
+            "lora": lora_params * element,
+            **{f"eigenlora_k{row['k']}": row["trainable_parameters"] * element for row in sweep},
+        },
         "basis_bytes_fp32": basis.num_parameters() * element,
         "seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
 
 
+def projected_accuracy(model, codec, held_out, basis, projected, args) -> dict[str, float]:
+    """Exact match of the held-out LoRAs replaced by their projections onto ``basis`` (no training)."""
+    layers = eigenlora.inject_eigenlora(model, basis, len(held_out), args.rank)
+    for slot, task in enumerate(held_out):
+        for name, layer in layers.items():
+            loadings_A, loadings_B = projected[task.name].loadings[name]
+            layer.set_slot(slot, loadings_A, loadings_B, args.scale)
+    scores = task_data.evaluate(model, codec, held_out, range(len(held_out)), len(held_out))
+    eigenlora.remove_eigenlora(model, layers)
+    return {task.name: scores[task.name]["exact"] for task in held_out}
+
+
 def markdown(result: dict) -> str:
-    mean = result["mean"]
-    params = result["trainable_parameters"]
-    ratio = mean["eigenlora"] / mean["lora"] if mean["lora"] else float("nan")
+    held = result["held_out"]
+
+    def mean(scores: dict) -> float:
+        return sum(scores[t] for t in held) / len(held)
+
+    lora = mean(result["lora"])
     lines = [
         f"# EigenLoRAx on {result['model']}",
         "",
-        f"{len(result['tasks'])} word tasks; basis fitted on the LoRAs (r={result['rank']}) of all but "
-        f"{', '.join(result['held_out'])}; K={result['k']} components per module side "
-        f"(at most {result['max_k']} available). Exact-match accuracy on 20 held-out words.",
+        f"{len(result['tasks'])} word tasks; basis fitted on the LoRAs (r={result['rank']}, all 7 "
+        f"projections of every layer) of all but {', '.join(held)} (at most {result['max_k']} components "
+        f"per module side). The held-out tasks' LoRA, EigenLoRAx and random-basis adapters train "
+        f"{result['eigen_steps']} steps on the same batches. Exact match on 40 held-out words.",
         "",
-        "| task | base model | LoRA | EigenLoRAx (loadings only) | random basis | held-out LoRA projected | "
-        "projection error A / B |",
-        "|---|---|---|---|---|---|---|",
+        f"Base model {mean(result['base']):.2f}, LoRA ({result['lora_parameters']:,} trainable parameters "
+        f"per adapter) {lora:.2f}: " + ", ".join(f"{t} {result['lora'][t]:.2f}" for t in held) + ".",
+        "",
+        "| K | trainable params (% of LoRA) | EigenLoRAx | / LoRA | random basis | held-out LoRA projected | "
+        + " | ".join(f"{t} eigen / random" for t in held)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(held),
     ]
-    for row in result["rows"]:
+    for row in result["sweep"]:
+        eigen, random_basis = mean(row["eigenlora"]), mean(row["random_basis"])
+        cells = " | ".join(f"{row['eigenlora'][t]:.2f} / {row['random_basis'][t]:.2f}" for t in held)
+        ratio = eigen / lora if lora else float("nan")
         lines.append(
-            f"| {row['task']} | {row['base']:.2f} | {row['lora']:.2f} | {row['eigenlora']:.2f} | "
-            f"{row['random_basis']:.2f} | {row['projected_lora']:.2f} | "
-            f"{row['projection_error_A']:.2f} / {row['projection_error_B']:.2f} |"
+            f"| {row['k']} | {row['trainable_parameters']:,} ({row['fraction_of_lora']:.1%}) | {eigen:.2f} | "
+            f"{ratio:.2f} | {random_basis:.2f} | {mean(row['projected_lora']):.2f} | {cells} |"
         )
     lines += [
-        f"| **mean** | {mean['base']:.2f} | {mean['lora']:.2f} | {mean['eigenlora']:.2f} | "
-        f"{mean['random_basis']:.2f} | {mean['projected_lora']:.2f} | |",
         "",
-        f"EigenLoRAx / LoRA score: **{ratio:.2f}** (goal >= 0.95) with "
-        f"**{params['eigenlora'] / params['lora']:.1%}** of LoRA's trainable parameters (goal <= 10%): "
-        f"{params['eigenlora']:,} vs {params['lora']:,} per adapter; "
-        f"{result['bytes_per_adapter_fp32']['eigenlora']:,} vs {result['bytes_per_adapter_fp32']['lora']:,} "
-        f"bytes per adapter in fp32, plus {result['basis_bytes_fp32']:,} bytes of basis shared by all.",
+        "Goal: EigenLoRAx >= 0.95 of LoRA's score at <= 10% of its trainable parameters. Bytes per adapter "
+        "(fp32): "
+        + ", ".join(f"{k} {v:,}" for k, v in result["bytes_per_adapter_fp32"].items())
+        + f"; the basis, shared by all adapters, {result['basis_bytes_fp32']:,}.",
         "",
         "Variance of the seen adapters' rank rows kept by the first K components (mean over modules):",
         "",
@@ -216,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--held-out", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=2.0)
-    parser.add_argument("--k", type=int, default=32, help="basis components per module side")
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 8, 32], help="basis sizes to try (per side)")
     parser.add_argument("--lora-steps", type=int, default=100, help="steps for the seen tasks' LoRAs")
     parser.add_argument("--eigen-steps", type=int, default=60)
     parser.add_argument("--eigen-per-task", type=int, default=4)
@@ -231,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = "eigenlora_tiny" if args.tiny else "eigenlora_smollm2-135m-instruct"
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
         (args.out / f"{stem}.md").write_text(text)
     return 0
 

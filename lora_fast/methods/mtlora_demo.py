@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = f"mtlora_{result['setting']}" + ("_tiny" if args.tiny else "")
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
         (args.out / f"{stem}.md").write_text(text)
     return 0
 

@@ -129,7 +129,9 @@ def pretrain(model: HierarchicalViT, images, labels, steps: int, seed: int) -> N
     """Digit classification (head ``digit``), every parameter trained: the backbone's pre-training."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    for _ in tqdm(range(steps), desc="pre-training the ViT on digits", unit="step", leave=False):
+    for _ in tqdm(
+        range(steps), desc="pre-training the ViT on digits", unit="step", leave=False, disable=None
+    ):
         index = torch.randint(0, len(labels), (128,))
         loss = nn.functional.cross_entropy(model.heads["digit"](model.features(images[index])), labels[index])
         optimizer.zero_grad()
@@ -144,7 +146,7 @@ def train_tasks(model, tasks, data, params, slot_of, num_slots, steps, per_task,
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     started = time.perf_counter()
-    for _ in tqdm(range(steps), desc=label, unit="step", leave=False):
+    for _ in tqdm(range(steps), desc=label, unit="step", leave=False, disable=None):
         chosen = {t: torch.randint(0, len(data[t][1]), (per_task,), generator=rng) for t in tasks}
         images = torch.cat([data[t][0][chosen[t]] for t in tasks])
         slots = torch.tensor([slot_of(t) for t in tasks for _ in range(per_task)])

@@ -15,7 +15,7 @@ answer position is the right token, which is exactly when greedy decoding would 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,8 @@ WORDS = (
 ).split()
 HELD_OUT_WORDS = (
     "harbor sunset button pepper camera dolphin feather goblet helmet insect jigsaw koala lizard "
-    "magnet nectar oyster parrot quartz ribbon spider"
+    "magnet nectar oyster parrot quartz ribbon spider temple umbrella valley walnut wizard yogurt "
+    "almond beaver cactus donkey eagle fossil glacier hornet igloo jelly kernel lobster mango napkin"
 ).split()
 
 
@@ -66,13 +67,27 @@ WORD_TASKS = {
 }
 
 
-def word_tasks(names: Sequence[str] | None = None) -> list[WordTask]:
-    """The named tasks of ``WORD_TASKS`` (all of them by default), ValueError for unknown names."""
-    names = list(WORD_TASKS) if names is None else list(names)
-    unknown = [n for n in names if n not in WORD_TASKS]
+# A parametric family (for generators that must interpolate): repeat a word k times, or write its
+# first k letters, k = 1..5.
+PARAMETRIC_TASKS = {
+    task.name: task
+    for k in range(1, 6)
+    for task in (
+        WordTask(f"repeat_x{k}", lambda w, k=k: " ".join([w] * k), f"Repeat {k} times"),
+        WordTask(f"prefix_{k}", lambda w, k=k: w[:k], f"First {k} letters"),
+    )
+}
+
+
+def word_tasks(
+    names: Sequence[str] | None = None, family: Mapping[str, WordTask] = WORD_TASKS
+) -> list[WordTask]:
+    """The named tasks of ``family`` (all of them by default), ValueError for unknown names."""
+    names = list(family) if names is None else list(names)
+    unknown = [n for n in names if n not in family]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; tasks: {sorted(WORD_TASKS)}")
-    return [WORD_TASKS[n] for n in names]
+        raise ValueError(f"unknown task {unknown[0]!r}; tasks: {sorted(family)}")
+    return [family[n] for n in names]
 
 
 def examples(
@@ -252,15 +267,17 @@ def train_mixed(
     desc: str,
     weight_decay: float = 0.0,
     instructed: bool = False,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """AdamW on ``params``: every step one batch mixing ``per_task`` examples of every task, each
-    sequence routed to its task's slot. Returns the loss per step."""
+    sequence routed to its task's slot; ``after_step(step)`` runs after each optimizer step (e.g.
+    to keep checkpoints). Returns the loss per step."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
     losses = []
     model.train()
-    progress = tqdm(range(steps), desc=desc, unit="step", leave=False)
-    for _ in progress:
+    progress = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None)
+    for step in progress:
         pairs, seq_slots = [], []
         for task, slot in zip(tasks, slots, strict=True):
             pairs += examples(task, per_task, rng, instructed=instructed)
@@ -274,6 +291,8 @@ def train_mixed(
         optimizer.step()
         losses.append(loss.item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        if after_step is not None:
+            after_step(step)
     model.eval()
     return losses
 
