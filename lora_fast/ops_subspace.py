@@ -124,10 +124,11 @@ def subspace_lora_delta(
             out = check.float_tensor(out, "out", 2)
             check.dim_size(out, "out", 1, basis_B.shape[1], "d_out (basis_B.shape[1])")
             check.dim_size(out, "out", 0, x.shape[0], "the token count of x")
+            check.same_dtype(out, "out", x.dtype, "x")
     check.batch(batch)
     if out is None:
         out = x.new_zeros(x.shape[0], basis_B.shape[1])
-    if batch.all_none:
+    if not torch.compiler.is_compiling() and batch.all_none:  # reads a host value: eager only
         return out
     projected = x @ basis_A.T
     coefficients = lora_delta(

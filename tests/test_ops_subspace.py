@@ -117,6 +117,17 @@ def test_subspace_lora_delta_rejects_mismatched_loadings():
             c["batch"],
             c["scales"],
         )
+    with pytest.raises(TypeError, match="out has dtype"):
+        ops.subspace_lora_delta(
+            c["x"],
+            c["basis_A"],
+            c["loadings_A"],
+            c["loadings_B"],
+            c["basis_B"],
+            c["batch"],
+            c["scales"],
+            out=torch.zeros(c["x"].shape[0], c["basis_B"].shape[1]),
+        )
     with pytest.raises(TypeError, match="basis_B"):
         ops.subspace_lora_delta(
             c["x"],
@@ -188,3 +199,29 @@ def test_triton_subspace_project(dtype, shape):
         got_t, got_t_residual = ops.subspace_project(B.transpose(1, 2), basis.to(DEVICE))
     assert_close(got_t, expected_coefficients, torch.float32)
     assert_close(got_t_residual, expected_residual, torch.float32)
+
+
+def test_subspace_project_custom_op_passes_opcheck():
+    weights = torch.randn(12, 20)
+    basis = orthonormal(5, 20, torch.float32)
+    torch.library.opcheck(torch.ops.lora_fast.subspace_project_rows.default, (weights, basis))
+
+
+def test_subspace_lora_delta_compiles_fullgraph():
+    c = loadings_case(dtype=torch.float32)
+
+    def fn(x):
+        return ops.subspace_lora_delta(
+            x,
+            c["basis_A"],
+            c["loadings_A"],
+            c["loadings_B"],
+            c["basis_B"],
+            c["batch"],
+            c["scales"],
+            c["ranks"],
+            check_args=False,
+        )
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    assert_close(compiled(c["x"]), fn(c["x"]), torch.float32)
