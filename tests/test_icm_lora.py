@@ -145,3 +145,28 @@ def test_task_vector_averages_last_token_states():
     torch.testing.assert_close(vector, (single[0] + single[1]) / 2, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="at least one"):
         icm_lora.task_vector(model, codec, [])
+
+
+def test_strided_convolutions_equal_torch_convolutions():
+    conv = icm_lora.StridedConv1d(3, 5, 4)
+    reference = nn.Conv1d(3, 5, 4, 4)
+    # Conv1d weight [out, in, k]; ours reads windows as (k, in) rows of a channels-last view
+    with torch.no_grad():
+        reference.weight.copy_(conv.linear.weight.view(5, 4, 3).permute(0, 2, 1))
+        reference.bias.copy_(conv.linear.bias)
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(conv(x.transpose(1, 2)), reference(x).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    transposed = icm_lora.StridedConvTranspose1d(5, 3, 4)
+    reference_t = nn.ConvTranspose1d(5, 3, 4, 4)
+    with torch.no_grad():  # ConvTranspose1d weight [in, out, k]; ours maps each input to (k, out)
+        reference_t.weight.copy_(transposed.linear.weight.view(4, 3, 5).permute(2, 1, 0))
+        reference_t.bias.copy_(transposed.linear.bias.view(4, 3)[0])
+        transposed.linear.bias.copy_(transposed.linear.bias.view(4, 3)[0].repeat(4))
+    y = torch.randn(2, 5, 8)
+    torch.testing.assert_close(
+        transposed(y.transpose(1, 2)), reference_t(y).transpose(1, 2), rtol=1e-5, atol=1e-5
+    )
+    norm = icm_lora.InstanceNorm()
+    torch.testing.assert_close(
+        norm(x.transpose(1, 2)), nn.InstanceNorm1d(3)(x).transpose(1, 2), rtol=1e-4, atol=1e-5
+    )

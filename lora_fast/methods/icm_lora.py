@@ -113,15 +113,51 @@ def task_vector(model, codec, demonstrations: Sequence[tuple[str, str]]) -> torc
     return hidden[torch.arange(len(demonstrations)), last].float().mean(0)
 
 
+class StridedConv1d(nn.Module):
+    """``Conv1d(c_in, c_out, kernel_size=stride, stride=stride)`` on channels-last ``[B, L, c_in]``:
+    with kernel = stride the windows do not overlap, so the convolution is one GEMM on a free view
+    (no im2col, and the layout stays channels-last between layers)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.linear = nn.Linear(c_in * stride, c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        return self.linear(x.reshape(B, L // self.stride, self.stride * C))
+
+
+class StridedConvTranspose1d(nn.Module):
+    """``ConvTranspose1d(c_in, c_out, kernel_size=stride, stride=stride)`` on channels-last tensors."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c_out = c_out
+        self.linear = nn.Linear(c_in, c_out * stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return self.linear(x).reshape(B, -1, self.c_out)
+
+
+class InstanceNorm(nn.Module):
+    """InstanceNorm1d (no affine) on channels-last ``[B, L, C]``: each channel over its positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + 1e-5)
+
+
 class ConditionalVAE(nn.Module):
     """The ICM-LoRA generator over flattened, normalised LoRA vectors of ``length`` numbers.
 
-    Encoder: ``len(channels)`` Conv1d layers of kernel = stride (each with InstanceNorm and
-    LeakyReLU), a linear map to ``hidden``; the condition is projected to ``hidden`` and
-    concatenated; mu / logvar heads to ``latent``. Decoder: a linear map from ``[z, condition]``
-    back to the last conv shape, then ConvTranspose1d layers to the padded length. A stats head
-    predicts each tensor's (mean, log std) from the condition. ``condition_dim=0`` makes it the
-    unconditional VAE of the ablation.
+    Encoder: ``len(channels)`` 1-D convolutions of kernel = stride (each with instance norm and
+    LeakyReLU; channels-last, see ``StridedConv1d``), a linear map to ``hidden``; the condition is
+    projected to ``hidden`` and concatenated; mu / logvar heads to ``latent``. Decoder: a linear
+    map from ``[z, condition]`` back to the last conv shape, then transposed convolutions to the
+    padded length. A stats head predicts each tensor's (mean, log std) from the condition.
+    ``condition_dim=0`` makes it the unconditional VAE of the ablation.
     """
 
     def __init__(
@@ -143,12 +179,9 @@ class ConditionalVAE(nn.Module):
         self.positions = math.ceil(length / reduction)
         self.padded = self.positions * reduction
         self.channels = tuple(channels)
-        layers, previous, positions = [], 1, self.padded
+        layers, previous = [], 1
         for width in channels:
-            positions //= stride
-            # instance norm needs more than one position; the last layer of a short vector has one
-            norm = nn.InstanceNorm1d(width) if positions > 1 else nn.Identity()
-            layers += [nn.Conv1d(previous, width, stride, stride), norm, nn.LeakyReLU(0.2)]
+            layers += [StridedConv1d(previous, width, stride), InstanceNorm(), nn.LeakyReLU(0.2)]
             previous = width
         self.encoder = nn.Sequential(*layers)
         flat = channels[-1] * self.positions
@@ -163,9 +196,9 @@ class ConditionalVAE(nn.Module):
         layers = []
         widths = list(channels[::-1]) + [1]
         for index, (width, out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-            layers.append(nn.ConvTranspose1d(width, out, stride, stride))
+            layers.append(StridedConvTranspose1d(width, out, stride))
             if index < len(channels) - 1:
-                layers += [nn.InstanceNorm1d(out), nn.LeakyReLU(0.2)]
+                layers += [InstanceNorm(), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*layers)
         self.stats = nn.Linear(condition_width, 2 * num_tensors) if condition_dim else None
 
@@ -177,7 +210,7 @@ class ConditionalVAE(nn.Module):
     def encode(
         self, vectors: torch.Tensor, condition: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = nn.functional.pad(vectors, (0, self.padded - self.length)).unsqueeze(1)
+        x = nn.functional.pad(vectors, (0, self.padded - self.length)).unsqueeze(2)  # [B, L, 1]
         h = torch.cat(
             [self.to_hidden(self.encoder(x).flatten(1)), self._condition(condition, len(vectors))], 1
         )
@@ -185,7 +218,7 @@ class ConditionalVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         h = self.from_latent(torch.cat([z, self._condition(condition, len(z))], 1))
-        return self.decoder(h.view(len(z), self.channels[-1], self.positions)).squeeze(1)[:, : self.length]
+        return self.decoder(h.view(len(z), self.positions, self.channels[-1])).squeeze(2)[:, : self.length]
 
     def predict_stats(self, condition: torch.Tensor) -> torch.Tensor:
         """``[B, num_tensors, 2]`` (mean, log std) of each tensor, from the condition alone."""
@@ -310,7 +343,7 @@ class ICMGenerator:
                 "latent": vae.latent,
                 "hidden": vae.to_hidden[0].out_features,
                 "channels": list(vae.channels),
-                "stride": vae.encoder[0].stride[0],
+                "stride": vae.encoder[0].stride,
             },
         }
         save_file(tensors, str(path), metadata={"icm_lora": json.dumps(config)})

@@ -35,7 +35,7 @@ from lora_fast.methods import tasks as task_data
 
 HELD_OUT = ("repeat_x4", "prefix_3")
 TARGETS = ("q_proj", "v_proj")
-VAE_OPTIONS = {"latent": 64, "hidden": 256, "channels": (8, 16, 32, 32, 32), "stride": 4}
+VAE_OPTIONS = {"latent": 64, "hidden": 256, "channels": (4, 8, 16, 32, 32), "stride": 4}
 
 
 def demonstrations(task, count: int, seed: int) -> list[tuple[str, str]]:
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small random model: a smoke test in seconds")
     parser.add_argument("--tasks", nargs="+", default=list(task_data.PARAMETRIC_TASKS))
     parser.add_argument("--held-out", nargs="*", default=list(HELD_OUT))
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--scale", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--per-task", type=int, default=2)
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--demos", type=int, default=8, help="in-context demonstrations per task vector")
     parser.add_argument("--draws", type=int, default=4, help="task vectors per task for training")
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--generator", type=Path, default=Path("icm_generator.safetensors"))

@@ -185,7 +185,7 @@ def run_text(args: argparse.Namespace) -> dict:
         "setting": "text",
         "model": "tiny random Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
         "tasks": [t.name for t in family],
-        "metric": "exact match on 20 held-out words",
+        "metric": f"exact match on {len(task_data.HELD_OUT_WORDS)} held-out words",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "variants": {
             name: {
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vision", action="store_true", help="the image setting (scikit-learn digits)")
     parser.add_argument("--tiny", action="store_true", help="small random model: a smoke test in seconds")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--per-task", type=int, default=3)
     parser.add_argument("--single-rank", type=int, default=8)
     parser.add_argument("--shared-rank", type=int, default=32)
