@@ -71,20 +71,21 @@ class FlatLayout:
                 )
 
     def flatten(self, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(vector [length], stats [num_tensors, 2])``: each tensor normalised by its (mean, std)."""
+        """``(vector [length], stats [num_tensors, 2])``: each tensor normalised by its mean and std;
+        stats hold ``(mean / std, log std)``, so an error in either is relative to the tensor's scale."""
         self.check(weights)
         pieces, stats = [], []
         for module, side, _ in self.entries:
             tensor = weights[module][0 if side == "A" else 1].detach().float().reshape(-1)
             mean, std = tensor.mean(), tensor.std().clamp_min(1e-8)
             pieces.append((tensor - mean) / std)
-            stats.append(torch.stack([mean, std.log()]))
+            stats.append(torch.stack([mean / std, std.log()]))
         return torch.cat(pieces), torch.stack(stats)
 
     def unflatten(
         self, vector: torch.Tensor, stats: torch.Tensor
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The adapter a vector and its ``stats [num_tensors, 2]`` (mean, log std) stand for."""
+        """The adapter a vector and its ``stats [num_tensors, 2]`` (mean / std, log std) stand for."""
         if vector.shape != (self.length,) or stats.shape != (self.num_tensors, 2):
             raise ValueError(
                 f"vector must be [{self.length}] and stats [{self.num_tensors}, 2], got "
@@ -92,9 +93,9 @@ class FlatLayout:
             )
         found: dict[str, dict[str, torch.Tensor]] = {}
         offset = 0
-        for (module, side, shape), (mean, log_std) in zip(self.entries, stats, strict=True):
+        for (module, side, shape), (relative_mean, log_std) in zip(self.entries, stats, strict=True):
             size = shape[0] * shape[1]
-            tensor = vector[offset : offset + size].reshape(shape) * log_std.exp() + mean
+            tensor = (vector[offset : offset + size].reshape(shape) + relative_mean) * log_std.exp()
             found.setdefault(module, {})[side] = tensor
             offset += size
         return {module: (sides["A"], sides["B"]) for module, sides in found.items()}
@@ -156,7 +157,8 @@ class ConditionalVAE(nn.Module):
     LeakyReLU; channels-last, see ``StridedConv1d``), a linear map to ``hidden``; the condition is
     projected to ``hidden`` and concatenated; mu / logvar heads to ``latent``. Decoder: a linear
     map from ``[z, condition]`` back to the last conv shape, then transposed convolutions to the
-    padded length. A stats head predicts each tensor's (mean, log std) from the condition.
+    padded length, plus a learned per-position mean and low-rank per-position basis (see
+    ``__init__``). A stats head predicts each tensor's (mean / std, log std) from the condition.
     ``condition_dim=0`` makes it the unconditional VAE of the ablation.
     """
 
@@ -169,6 +171,7 @@ class ConditionalVAE(nn.Module):
         hidden: int = 256,
         channels: Sequence[int] = (8, 16, 32, 64),
         stride: int = 4,
+        position_rank: int = 16,
     ) -> None:
         super().__init__()
         self.length = length
@@ -201,6 +204,15 @@ class ConditionalVAE(nn.Module):
                 layers += [InstanceNorm(), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*layers)
         self.stats = nn.Linear(condition_width, 2 * num_tensors) if condition_dim else None
+        # A transposed-conv decoder of kernel = stride builds each block of stride^depth outputs
+        # from one position of the last conv shape through weights shared by all blocks, so it
+        # cannot put position-specific values (a LoRA's weights) where they belong. A learned
+        # per-position mean and a rank-``position_rank`` per-position basis, driven by [z, c],
+        # give the decoder that; the conv path models what the blocks share.
+        self.position_rank = position_rank
+        self.position_mean = nn.Parameter(torch.zeros(length))
+        self.position_basis = nn.Parameter(torch.randn(position_rank, length) * 0.01)
+        self.to_position = nn.Linear(latent + condition_width, position_rank)
 
     def _condition(self, condition: torch.Tensor | None, batch: int) -> torch.Tensor:
         if self.condition is None:
@@ -217,11 +229,13 @@ class ConditionalVAE(nn.Module):
         return self.mu(h), self.logvar(h)
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        h = self.from_latent(torch.cat([z, self._condition(condition, len(z))], 1))
-        return self.decoder(h.view(len(z), self.positions, self.channels[-1])).squeeze(2)[:, : self.length]
+        zc = torch.cat([z, self._condition(condition, len(z))], 1)
+        h = self.from_latent(zc)
+        shared = self.decoder(h.view(len(z), self.positions, self.channels[-1])).squeeze(2)[:, : self.length]
+        return shared + self.position_mean + self.to_position(zc) @ self.position_basis
 
     def predict_stats(self, condition: torch.Tensor) -> torch.Tensor:
-        """``[B, num_tensors, 2]`` (mean, log std) of each tensor, from the condition alone."""
+        """``[B, num_tensors, 2]`` (mean / std, log std) of each tensor, from the condition alone."""
         if self.stats is None:
             raise ValueError("the unconditional VAE has no stats head; pass stats explicitly")
         return self.stats(self.condition(condition)).view(len(condition), self.num_tensors, 2)
@@ -344,6 +358,7 @@ class ICMGenerator:
                 "hidden": vae.to_hidden[0].out_features,
                 "channels": list(vae.channels),
                 "stride": vae.encoder[0].stride,
+                "position_rank": vae.position_rank,
             },
         }
         save_file(tensors, str(path), metadata={"icm_lora": json.dumps(config)})
