@@ -42,3 +42,25 @@ def test_encode_labels_only_answers_and_accuracy_is_teacher_forced():
 def test_char_codec_names_bad_text():
     with pytest.raises(ValueError, match="CharCodec cannot encode"):
         tasks.CharCodec().prompt("a1")
+
+
+def test_evaluate_and_train_use_the_instruction_when_asked(monkeypatch):
+    model, codec = tasks.load_model(tiny=True, seed=0)
+    seen_prompts = []
+    original = tasks.encode
+
+    def spy(codec, pairs):
+        seen_prompts.extend(prompt for prompt, _ in pairs)
+        return original(codec, pairs)
+
+    monkeypatch.setattr(tasks, "encode", spy)
+    family = tasks.word_tasks(["upper", "first2"])
+    tasks.evaluate(model, codec, family, [-1, -1], 1, words=["apple"], instructed=True)
+    assert seen_prompts == ["Write in capitals: apple", "First two letters: apple"]
+    seen_prompts.clear()
+    tasks.evaluate(model, codec, family, [-1, -1], 1, words=["apple"])
+    assert seen_prompts == ["apple", "apple"]
+    seen_prompts.clear()
+    params = [next(model.parameters())]
+    tasks.train_mixed(model, params, codec, family, [-1, -1], 1, 1, 1, 0.0, 0, "t", instructed=True)
+    assert {p.split(":")[0] for p in seen_prompts} == {"Write in capitals", "First two letters"}

@@ -241,6 +241,7 @@ def demo(args: argparse.Namespace) -> dict:
         "tasks": names,
         "seen": trained["seen"],
         "held_out": list(args.held_out),
+        "words": len(task_data.HELD_OUT_WORDS),
         "targets": list(TARGETS),
         "rank": args.rank,
         "checkpoints_per_task": len(trained["checkpoints"][names[0]]),
@@ -269,8 +270,8 @@ def markdown(result: dict) -> str:
         "",
         f"{len(result['tasks'])} tasks (repeat a word k times / first k letters, k = 1..5); the generator "
         f"saw {len(seen)} of them ({result['checkpoints_per_task']} checkpoints each); held out: "
-        f"{', '.join(held)}. "
-        f"LoRA r={result['rank']} on {', '.join(result['targets'])}. Exact match on 20 held-out words; "
+        f"{', '.join(held)}. LoRA r={result['rank']} on {', '.join(result['targets'])}. Exact match on "
+        f"{result['words']} held-out words. "
         "Against the task's trained LoRA: update error = |BA - (BA)_trained|^2 / |(BA)_trained|^2, parameter "
         "MSE between per-tensor-normalised vectors (the generator's space).",
         "",

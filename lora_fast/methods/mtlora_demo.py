@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vision", action="store_true", help="the image setting (scikit-learn digits)")
     parser.add_argument("--tiny", action="store_true", help="small random model: a smoke test in seconds")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--per-task", type=int, default=3)
     parser.add_argument("--single-rank", type=int, default=8)
     parser.add_argument("--shared-rank", type=int, default=32)

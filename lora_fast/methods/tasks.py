@@ -225,7 +225,7 @@ def evaluate(
     All tasks go through the model together, in mixed batches: one forward per ``batch_size``.
     """
     rows = [
-        (task, slot, (word, task.apply(word)))
+        (task, slot, prompt_pair(task, word, instructed))
         for task, slot in zip(tasks, slots, strict=True)
         for word in words
     ]
