@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -170,3 +170,11 @@ def inject_adapters(
         setattr(parent, child, layer)
         replaced[name] = layer
     return replaced
+
+
+def remove_adapters(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    """Undo ``inject_adapters`` (or any injection of wrappers with a ``.base``): put each layer's
+    base nn.Linear back in its place."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)

@@ -426,4 +426,5 @@ def _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots) -> None:
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
+
 from .ops_subspace import subspace_lora_delta, subspace_project  # noqa: E402, F401

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..adapters import AdapterStacks
 from ..batch import AdapterBatch
-from ..layers import current_batch
+from ..layers import current_batch, remove_adapters
 from ..ops import subspace_lora_delta, subspace_project
 
 EXACT_SVD_MAX = 2048  # thin SVD when the stacked rows or d are at most this; randomized above
@@ -562,9 +562,7 @@ def inject_eigenlora(
 
 def remove_eigenlora(model: nn.Module, layers: Mapping[str, EigenLoRALinear]) -> None:
     """Put the base layers back in place of ``layers``."""
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    remove_adapters(model, layers)
 
 
 def adapter_weights(

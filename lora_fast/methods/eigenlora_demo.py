@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import lora_fast
+from lora_fast.layers import remove_adapters
 from lora_fast.methods import eigenlora
 from lora_fast.methods import tasks as task_data
 
@@ -69,9 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             layer.freeze_slots()
     lora_scores = task_data.evaluate(model, codec, family, slots, len(family))
     base_scores = task_data.evaluate(model, codec, held_out, [-1] * len(held_out), len(family))
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
+    remove_adapters(model, layers)
 
     # 2. the basis of the seen tasks' adapters (fitted once at the largest K; PCA is nested)
     largest = max(args.k)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import lora_fast
+from lora_fast.layers import remove_adapters
 from lora_fast.methods import icm_lora
 from lora_fast.methods import tasks as task_data
 
@@ -93,10 +94,9 @@ def train_task_loras(model, codec, family, args):
         f"LoRA: {len(family)} tasks in mixed batches",
         after_step=keep,
     )
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.freeze_slots()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
+    remove_adapters(model, layers)
     return stacks, checkpoints
 
 
@@ -215,9 +215,7 @@ def demo(args: argparse.Namespace) -> dict:
     for variant in variants:
         slots = [stacks.slot_of(f"{variant}/{name}") for name in names]
         scores[variant] = task_data.evaluate(model, codec, family, slots, stacks.num_slots)
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
+    remove_adapters(model, layers)
 
     element = 4
     adapter_bytes = layout.length * element

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..adapters import AdapterStacks
 from ..batch import AdapterBatch
-from ..layers import current_batch
+from ..layers import current_batch, remove_adapters
 from ..ops import lora_delta
 
 MODES = ("matrix", "add")
@@ -269,9 +269,7 @@ class MTLoRA:
 
     def remove(self) -> None:
         """Put the base layers back."""
-        for name, layer in self.layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child, layer.base)
+        remove_adapters(self.model, self.layers)
 
 
 def inject_mtlora(

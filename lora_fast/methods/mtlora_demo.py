@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import lora_fast
+from lora_fast.layers import remove_adapters
 from lora_fast.methods import mtlora
 from lora_fast.methods import tasks as task_data
 
@@ -65,7 +66,7 @@ def single_task_lora(model, codec, family, modules, args, generator):
     result = _train_and_score(
         model, codec, family, params, slots, len(family), args, args.lr, "single-task LoRA"
     )
-    _restore(model, layers)
+    remove_adapters(model, layers)
     return result, sum(p.numel() for p in params)
 
 
@@ -77,7 +78,7 @@ def shared_lora(model, codec, family, modules, args, generator):
     result = _train_and_score(
         model, codec, family, params, [0] * len(family), 1, args, args.lr, "shared LoRA"
     )
-    _restore(model, layers)
+    remove_adapters(model, layers)
     return result, sum(p.numel() for p in params)
 
 
@@ -153,12 +154,6 @@ def step_times(model, codec, family, mt, args) -> dict:
         "single_s": times["single"],
         "mixed_over_single": times["mixed"] / times["single"],
     }
-
-
-def _restore(model, layers) -> None:
-    for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base)
 
 
 def run_text(args: argparse.Namespace) -> dict:

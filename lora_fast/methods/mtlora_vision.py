@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lora_fast
+from lora_fast.layers import remove_adapters
 from lora_fast.methods import mtlora
 
 PLACEMENT = mtlora.MTLoRAPlacement(
@@ -260,9 +261,7 @@ def run(args: argparse.Namespace, rest) -> dict:
         )
         scores = accuracy(model, tasks, test, slot_of, num_slots)
         count = sum(p.numel() for p in params)
-        for name, layer in layers.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.base)
+        remove_adapters(model, layers)
         reset()
         return scores, count, seconds
 
