@@ -170,3 +170,21 @@ def test_strided_convolutions_equal_torch_convolutions():
     torch.testing.assert_close(
         norm(x.transpose(1, 2)), nn.InstanceNorm1d(3)(x).transpose(1, 2), rtol=1e-4, atol=1e-5
     )
+
+
+def test_stats_head_reaches_lora_scale_statistics_quickly():
+    # real LoRA tensors have log std near -4; the head must reach that in a few steps, not thousands
+    layout = icm_lora.FlatLayout.from_weights(weights())
+    targets = [weights(seed, scale=0.02) for seed in (1, 2)]
+    flat = [layout.flatten(w) for w in targets]
+    vectors = torch.stack([v for v, _ in flat]).repeat(4, 1)
+    stats = torch.stack([s for _, s in flat]).repeat(4, 1, 1)
+    assert float(stats[:, 0, 1].max()) < -3.0
+    conditions = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(4, 1)
+    options = dict(epochs=40, batch_size=8, lr=1e-3, latent=4, hidden=16, channels=(2,), stride=2, desc="t")
+    generator = icm_lora.train_generator(vectors, stats, conditions, layout, 1.0, **options)
+    _, predicted = generator.generate_vectors(conditions[:2])
+    error = (predicted - stats[:2]).abs()
+    assert float(error[..., 1].max()) < 0.2, error
+    with pytest.raises(ValueError, match="stats must be \\[N=8, 4, 2\\]"):
+        icm_lora.train_generator(vectors, stats[:, :3], conditions, layout, 1.0, **options)

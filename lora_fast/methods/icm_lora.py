@@ -204,6 +204,10 @@ class ConditionalVAE(nn.Module):
                 layers += [InstanceNorm(), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*layers)
         self.stats = nn.Linear(condition_width, 2 * num_tensors) if condition_dim else None
+        # the head predicts standardised stats: log std sits near -4 for a LoRA tensor, which a head
+        # starting at 0 would need thousands of Adam steps to reach (``set_stats_normalisation``)
+        self.register_buffer("stats_mean", torch.zeros(num_tensors, 2))
+        self.register_buffer("stats_std", torch.ones(num_tensors, 2))
         # A transposed-conv decoder of kernel = stride builds each block of stride^depth outputs
         # from one position of the last conv shape through weights shared by all blocks, so it
         # cannot put position-specific values (a LoRA's weights) where they belong. A learned
@@ -238,7 +242,13 @@ class ConditionalVAE(nn.Module):
         """``[B, num_tensors, 2]`` (mean / std, log std) of each tensor, from the condition alone."""
         if self.stats is None:
             raise ValueError("the unconditional VAE has no stats head; pass stats explicitly")
-        return self.stats(self.condition(condition)).view(len(condition), self.num_tensors, 2)
+        standardised = self.stats(self.condition(condition)).view(len(condition), self.num_tensors, 2)
+        return standardised * self.stats_std + self.stats_mean
+
+    def set_stats_normalisation(self, stats: torch.Tensor) -> None:
+        """Standardise the stats head's targets by the mean and std of ``stats [N, tensors, 2]``."""
+        self.stats_mean.copy_(stats.mean(0))
+        self.stats_std.copy_(stats.std(0, unbiased=False).clamp_min(1e-3))
 
     def loss(self, vectors, condition, stats) -> tuple[torch.Tensor, dict[str, float]]:
         mu, logvar = self.encode(vectors, condition)
@@ -248,7 +258,10 @@ class ConditionalVAE(nn.Module):
         total = reconstruction + KL_WEIGHT * kl
         parts = {"mse": reconstruction.item(), "kl": kl.item()}
         if self.stats is not None:
-            stats_loss = nn.functional.mse_loss(self.predict_stats(condition), stats)
+            stats_loss = nn.functional.mse_loss(
+                (self.predict_stats(condition) - self.stats_mean) / self.stats_std,
+                (stats - self.stats_mean) / self.stats_std,
+            )
             total = total + stats_loss
             parts["stats"] = stats_loss.item()
         return total, parts
@@ -397,6 +410,10 @@ def train_generator(
     [N, tensors, 2]`` and ``conditions [N, condition_dim]`` (None: the unconditional VAE)."""
     if vectors.dim() != 2 or vectors.shape[1] != layout.length:
         raise ValueError(f"vectors must be [N, {layout.length}], got {tuple(vectors.shape)}")
+    if stats.shape != (vectors.shape[0], layout.num_tensors, 2):
+        raise ValueError(
+            f"stats must be [N={vectors.shape[0]}, {layout.num_tensors}, 2], got {tuple(stats.shape)}"
+        )
     if conditions is not None and (conditions.dim() != 2 or conditions.shape[0] != vectors.shape[0]):
         raise ValueError(
             f"conditions must be [N={vectors.shape[0]}, condition_dim], got {tuple(conditions.shape)}"
@@ -411,6 +428,7 @@ def train_generator(
         condition_mean = condition_std = torch.zeros(0)
         normalised = None
     vae = ConditionalVAE(layout.length, condition_dim, layout.num_tensors, **vae_options)
+    vae.set_stats_normalisation(stats.float())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     progress = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
