@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from lora_fast.cli import main
 
 
@@ -30,10 +32,28 @@ def test_mtlora_demo_tiny_text(tmp_path):
     )
     result = json.loads((tmp_path / "mtlora_text_tiny.json").read_text())
     variants = result["variants"]
-    assert list(variants) == ["base model", "single-task LoRA", "shared LoRA", "full fine-tuning", "MTLoRA"]
-    assert result["tasks"] == ["upper", "repeat", "first2", "plural"]
-    assert variants["MTLoRA"]["trainable_parameters"] == result["mtlora_parameters"]["total"] > 0
+    assert list(variants) == [
+        "base model",
+        "single-task LoRA",
+        "shared LoRA",
+        "full fine-tuning",
+        "MTLoRA (add)",
+        "MTLoRA (matrix)",
+    ]
+    assert result["tasks"] == ["upper", "repeat", "first2", "plural"] and result["headline_mode"] == "add"
+    assert variants["MTLoRA (add)"]["trainable_parameters"] == result["mtlora_parameters"]["total"] > 0
+    assert variants["single-task LoRA"]["delta_m"] == 0.0
     assert result["mtlora_step_time"]["mixed_s"] > 0
+
+
+def test_mtlora_demo_runs_a_subset_of_variants(tmp_path, capsys):
+    argv = ["mtlora", "demo", "--tiny", "--steps", "1", "--timing-repeats", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--variants", "mtlora", "--modes", "matrix"]) == 0
+    result = json.loads((tmp_path / "mtlora_text_tiny.json").read_text())
+    assert list(result["variants"]) == ["base model", "MTLoRA (matrix)"]
+    assert result["variants"]["MTLoRA (matrix)"]["delta_m"] is None  # no single-task row to compare with
+    out = capsys.readouterr().out
+    assert "MTLoRA (matrix) training step" in out and "goal: at least as high" not in out
 
 
 def test_mtlora_demo_tiny_vision(tmp_path):
@@ -42,8 +62,18 @@ def test_mtlora_demo_tiny_vision(tmp_path):
     )
     result = json.loads((tmp_path / "mtlora_vision_tiny.json").read_text())
     variants = result["variants"]
+    # several seeds: per-task scores averaged, delta_m from the averages and per seed
+    argv = ["mtlora", "demo", "--vision", "--tiny", "--timing-repeats", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--seeds", "0", "1"]) == 0
+    both = json.loads((tmp_path / "mtlora_vision_tiny.json").read_text())
+    assert both["seeds"] == [0, 1] and both["config"]["seed"] == 0
+    for name, variant in both["variants"].items():
+        assert len(variant["delta_m_per_seed"]) == 2
+        assert variant["delta_m_per_seed"][0] == pytest.approx(variants[name]["delta_m"])
+    assert "delta_m % per seed" in (tmp_path / "mtlora_vision_tiny.md").read_text()
     assert set(result["tasks"]) == {"parity", "above_four", "flipped", "rotated_digit"}
-    full, multi = variants["full fine-tuning"], variants["MTLoRA"]
+    full, multi = variants["full fine-tuning"], variants["MTLoRA (add)"]
+    assert "MTLoRA (matrix)" in variants
     assert full["trainable_parameters"] > 3 * multi["trainable_parameters"]
     for variant in variants.values():
         assert all(0.0 <= score <= 1.0 for score in variant["scores"].values())

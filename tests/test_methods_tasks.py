@@ -64,3 +64,28 @@ def test_evaluate_and_train_use_the_instruction_when_asked(monkeypatch):
     params = [next(model.parameters())]
     tasks.train_mixed(model, params, codec, family, [-1, -1], 1, 1, 1, 0.0, 0, "t", instructed=True)
     assert {p.split(":")[0] for p in seen_prompts} == {"Write in capitals", "First two letters"}
+
+
+def test_train_mixed_does_not_depend_on_the_callers_random_state():
+    import lora_fast
+
+    family = tasks.word_tasks(["upper", "first2"])
+
+    def run(prior_draws: int) -> list[float]:
+        model, codec = tasks.load_model(tiny=True, seed=0)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        modules = tasks.target_linears(model, ("q_proj", "v_proj"))
+        stacks = lora_fast.AdapterStacks(num_slots=2, max_rank=2)
+        for name in ("a", "b"):
+            stacks.add(name, tasks.fresh_lora(model, modules, 2, torch.Generator().manual_seed(1)), 2.0)
+        layers = lora_fast.inject_adapters(model, stacks, dropout=0.5)  # dropout draws random masks
+        params = [p for layer in layers.values() for p in layer.train_slots([0, 1])]
+        torch.manual_seed(123)
+        torch.rand(prior_draws)  # whatever ran before moves the global generator
+        before = torch.get_rng_state()
+        losses = tasks.train_mixed(model, params, codec, family, [0, 1], 2, 3, 2, 1e-2, 0, "t")
+        assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is restored
+        return losses
+
+    assert run(0) == run(17)

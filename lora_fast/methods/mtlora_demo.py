@@ -8,7 +8,16 @@ apart. Every variant trains the same number of steps on the same mixed-task batc
 - shared LoRA: one adapter for every task;
 - full fine-tuning of the same Linear layers (all seven projections of every layer);
 - MTLoRA: task-agnostic LoRA on those layers plus task-specific LoRA on the o / MLP projections of
-  the last ``--last-n`` layers, each sequence's task picking its slot.
+  the last ``--last-n`` layers, each sequence's task picking its slot; one row per ``--modes``.
+  The headline mode is ``add``: in a decoder LLM a task's tokens have no separate shared path
+  past a task-specific layer (Swin's shared features go on to the next stage while the task
+  features leave for the task's decoder), so the paper's ``matrix`` mode takes the shared update
+  away from them there; ``matrix`` stays as the paper's row.
+
+One ``--lr`` serves every LoRA variant (the single-task baseline's best of 2.5e-4 / 5e-4 / 1e-3 on
+this setting) and ``--full-lr`` full fine-tuning (its own best of 2.5e-5 / 5e-5 / 1e-4 /
+2e-4); see
+``benchmarks/results/mtlora_text.md``. ``--variants`` runs a subset (delta_m needs ``single``).
 
 Reports per-task exact match on held-out words, the paper's delta_m against single-task LoRA,
 trainable parameters, and MTLoRA's training step time on mixed-task batches against single-task
@@ -33,6 +42,7 @@ from lora_fast.methods import mtlora
 from lora_fast.methods import tasks as task_data
 
 TASKS = ("upper", "repeat", "first2", "plural")
+VARIANTS = ("single", "shared", "full", "mtlora")
 
 
 def _train_and_score(model, codec, family, params, slots, num_slots, args, lr, label) -> tuple[dict, float]:
@@ -98,7 +108,7 @@ def full_fine_tuning(model, codec, family, modules, args):
     return result, sum(w.numel() for w in weights)
 
 
-def mtlora_variant(model, codec, family, args):
+def mtlora_variant(model, codec, family, args, mode: str, timed: bool = True):
     placement = mtlora.MTLoRAPlacement.decoder(model.config.num_hidden_layers, last_n=args.last_n)
     mt = mtlora.inject_mtlora(
         model,
@@ -108,15 +118,15 @@ def mtlora_variant(model, codec, family, args):
         args.task_rank,
         args.scale,
         args.scale,
-        args.mode,
+        mode,
         args.dropout,
         args.seed,
     )
     slots = list(range(len(family)))
     result = _train_and_score(
-        model, codec, family, mt.parameters(), slots, len(family), args, args.lr, "MTLoRA"
+        model, codec, family, mt.parameters(), slots, len(family), args, args.lr, f"MTLoRA ({mode})"
     )
-    throughput = step_times(model, codec, family, mt, args)
+    throughput = step_times(model, codec, family, mt, args) if timed else None
     counts = mt.num_parameters()
     mt.remove()
     return result, counts, throughput
@@ -165,33 +175,33 @@ def run_text(args: argparse.Namespace) -> dict:
     modules = task_data.target_linears(model, task_data.PROJECTIONS)
     generator = torch.Generator().manual_seed(args.seed)
     base = task_data.evaluate(model, codec, family, [-1] * len(family), 1, instructed=True)
-    (single, single_s), single_params = single_task_lora(model, codec, family, modules, args, generator)
-    (shared, shared_s), shared_params = shared_lora(model, codec, family, modules, args, generator)
-    (full, full_s), full_params = full_fine_tuning(model, codec, family, modules, args)
-    (multi, multi_s), counts, throughput = mtlora_variant(model, codec, family, args)
-    variants = {
-        "base model": ({t: s["exact"] for t, s in base.items()}, 0, None),
-        "single-task LoRA": (single, single_params, single_s),
-        "shared LoRA": (shared, shared_params, shared_s),
-        "full fine-tuning": (full, full_params, full_s),
-        "MTLoRA": (multi, counts["total"], multi_s),
-    }
+    variants = {"base model": ({t: s["exact"] for t, s in base.items()}, 0, None)}
+    if "single" in args.variants:
+        (scores, seconds), count = single_task_lora(model, codec, family, modules, args, generator)
+        variants["single-task LoRA"] = (scores, count, seconds)
+    if "shared" in args.variants:
+        (scores, seconds), count = shared_lora(model, codec, family, modules, args, generator)
+        variants["shared LoRA"] = (scores, count, seconds)
+    if "full" in args.variants:
+        (scores, seconds), count = full_fine_tuning(model, codec, family, modules, args)
+        variants["full fine-tuning"] = (scores, count, seconds)
+    counts = throughput = None
+    if "mtlora" in args.variants:
+        for index, mode in enumerate(args.modes):
+            (scores, seconds), mode_counts, mode_throughput = mtlora_variant(
+                model, codec, family, args, mode, timed=index == 0
+            )
+            variants[f"MTLoRA ({mode})"] = (scores, mode_counts["total"], seconds)
+            if index == 0:
+                counts, throughput = mode_counts, mode_throughput
     return {
         "setting": "text",
         "model": "tiny random Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct",
         "tasks": [t.name for t in family],
         "metric": f"exact match on {len(task_data.HELD_OUT_WORDS)} held-out words",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "variants": {
-            name: {
-                "scores": scores,
-                "mean": sum(scores.values()) / len(scores),
-                "delta_m": mtlora.delta_m(scores, single) if name != "single-task LoRA" else 0.0,
-                "trainable_parameters": params,
-                "seconds_per_step": seconds,
-            }
-            for name, (scores, params, seconds) in variants.items()
-        },
+        "variants": table(variants),
+        "headline_mode": args.modes[0],
         "mtlora_parameters": counts,
         "mtlora_step_time": throughput,
         "seconds": time.perf_counter() - started,
@@ -199,38 +209,86 @@ def run_text(args: argparse.Namespace) -> dict:
     }
 
 
+def table(variants: dict) -> dict:
+    """``{variant: scores, mean, delta_m (None without a single-task LoRA row), parameters, s/step}``."""
+    single = variants.get("single-task LoRA", (None,))[0]
+    return {
+        name: {
+            "scores": scores,
+            "mean": sum(scores.values()) / len(scores),
+            "delta_m": None if single is None else mtlora.delta_m(scores, single),
+            "trainable_parameters": params,
+            "seconds_per_step": seconds,
+        }
+        for name, (scores, params, seconds) in variants.items()
+    }
+
+
+def combine(results: Sequence[dict], seeds: Sequence[int]) -> dict:
+    """One result from runs with different seeds: per-task scores averaged over the runs, delta_m
+    from the averages (and kept per seed), step times from the first run."""
+    first = results[0]
+    raw = {}
+    for name in first["variants"]:
+        runs = [result["variants"][name] for result in results]
+        scores = {t: statistics.fmean(run["scores"][t] for run in runs) for t in first["tasks"]}
+        seconds = runs[0]["seconds_per_step"]
+        if seconds is not None:
+            seconds = statistics.fmean(run["seconds_per_step"] for run in runs)
+        raw[name] = (scores, runs[0]["trainable_parameters"], seconds)
+    combined = dict(first, variants=table(raw), seeds=list(seeds))
+    combined["seconds"] = sum(result["seconds"] for result in results)
+    for name, variant in combined["variants"].items():
+        variant["delta_m_per_seed"] = [result["variants"][name]["delta_m"] for result in results]
+    return combined
+
+
 def markdown(result: dict) -> str:
     tasks = result["tasks"]
+    seeds = result.get("seeds", [result["config"]["seed"]])
+    several = len(seeds) > 1
+    averaged = f" Scores are means over {len(seeds)} seeds ({', '.join(map(str, seeds))})." if several else ""
     lines = [
         f"# MTLoRA, {result['setting']} setting, on {result['model']}",
         "",
         f"Tasks: {', '.join(tasks)}; metric: {result['metric']}. delta_m (%) is the paper's multi-task "
-        "gain over single-task LoRA (mean over tasks of (M - S) / S).",
+        f"gain over single-task LoRA (mean over tasks of (M - S) / S).{averaged}",
         "",
-        "| variant | " + " | ".join(tasks) + " | mean | delta_m % | trainable params |",
-        "|---|" + "---|" * (len(tasks) + 3),
+        "| variant | "
+        + " | ".join(tasks)
+        + " | mean | delta_m % |"
+        + (" delta_m % per seed |" if several else "")
+        + " trainable params |",
+        "|---|" + "---|" * (len(tasks) + 3 + several),
     ]
     for name, variant in result["variants"].items():
         cells = " | ".join(f"{variant['scores'][t]:.2f}" for t in tasks)
-        delta = "" if name == "base model" else f"{variant['delta_m']:+.1f}"
+        known = name != "base model" and variant["delta_m"] is not None
+        delta = f"{variant['delta_m']:+.1f}" if known else ""
+        if several:
+            per_seed = ", ".join(f"{d:+.1f}" for d in variant["delta_m_per_seed"]) if known else ""
+            delta += f" | {per_seed}"
         lines.append(
             f"| {name} | {cells} | {variant['mean']:.2f} | {delta} | {variant['trainable_parameters']:,} |"
         )
     variants = result["variants"]
-    full, multi = variants["full fine-tuning"], variants["MTLoRA"]
-    fewer = full["trainable_parameters"] / multi["trainable_parameters"]
+    headline = f"MTLoRA ({result['headline_mode']})"
+    lines.append("")
+    if {"full fine-tuning", headline, "single-task LoRA"} <= set(variants):
+        full, multi = variants["full fine-tuning"], variants[headline]
+        fewer = full["trainable_parameters"] / multi["trainable_parameters"]
+        lines.append(
+            f"{headline} delta_m {multi['delta_m']:+.1f}% vs full fine-tuning {full['delta_m']:+.1f}% "
+            f"(goal: at least as high) with {fewer:.0f}x fewer trainable parameters (goal >= 3x)."
+        )
     step = result["mtlora_step_time"]
-    mixed_ms, single_ms = step["mixed_s"] * 1e3, step["single_s"] * 1e3
-    lines += [
-        "",
-        f"MTLoRA delta_m {multi['delta_m']:+.1f}% vs full fine-tuning {full['delta_m']:+.1f}% "
-        f"(goal: at least as high) with {fewer:.0f}x fewer "
-        f"trainable parameters (goal >= 3x).",
-        f"MTLoRA training step (forward + backward), mixed-task batch {mixed_ms:.0f} ms vs "
-        f"single-task batch {single_ms:.0f} ms: {step['mixed_over_single']:.2f}x (goal <= 1.2x).",
-        "",
-        f"Run time {result['seconds']:.0f} s on {result['threads']} threads.",
-    ]
+    if step is not None:
+        mixed_ms, single_ms = step["mixed_s"] * 1e3, step["single_s"] * 1e3
+        lines.append(
+            f"{headline} training step (forward + backward), mixed-task batch {mixed_ms:.0f} ms vs "
+            f"single-task batch {single_ms:.0f} ms: {step['mixed_over_single']:.2f}x (goal <= 1.2x)."
+        )
+    lines += ["", f"Run time {result['seconds']:.0f} s on {result['threads']} threads."]
     return "\n".join(lines) + "\n"
 
 
@@ -251,25 +309,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--last-n", type=int, default=4, help="layers (from the top) with task-specific modules"
     )
-    parser.add_argument("--mode", choices=mtlora.MODES, default="matrix")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=mtlora.MODES,
+        default=["add", "matrix"],
+        help="MTLoRA modes to train, each a row; the first is the headline (timed, held to the goal)",
+    )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--full-lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of every LoRA variant")
+    parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--timing-repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="run once per seed; scores are averaged"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for mtlora_<setting>.json/.md")
     args, rest = parser.parse_known_args(argv)
-    if args.vision:
-        from lora_fast.methods import mtlora_vision
+    if not args.vision and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.tiny:
+        args.last_n = min(args.last_n, 2)
+    results = []
+    for seed in args.seeds:
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        if args.vision:
+            from lora_fast.methods import mtlora_vision
 
-        result = mtlora_vision.run(args, rest)
-    else:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.tiny:
-            args.last_n = min(args.last_n, 2)
-        result = run_text(args)
+            results.append(mtlora_vision.run(run_args, rest))
+        else:
+            results.append(run_text(run_args))
+    result = combine(results, args.seeds) if len(results) > 1 else results[0]
     text = markdown(result)
     print(text)
     if args.out is not None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import lora_fast
 from lora_fast.layers import remove_adapters
 from lora_fast.methods import mtlora
+from lora_fast.methods.mtlora_demo import table
 
 PLACEMENT = mtlora.MTLoRAPlacement(
     shared=(r"stages\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",),
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace, rest) -> dict:
     parser.add_argument("--vision-shared-rank", type=int, default=4)
     parser.add_argument("--vision-task-rank", type=int, default=2)
     parser.add_argument("--vision-single-rank", type=int, default=4)
+    parser.add_argument("--vision-lr", type=float, default=3e-3, help="heads and LoRA variants")
+    parser.add_argument("--vision-full-lr", type=float, default=1e-3, help="full fine-tuning")
     vision = parser.parse_args(rest)
     if args.tiny:
         vision.pretrain_steps, vision.vision_steps = 5, 3
@@ -230,7 +233,7 @@ def run(args: argparse.Namespace, rest) -> dict:
         1,
         steps,
         per_task,
-        args.lr * 3,
+        vision.vision_lr,
         args.seed,
         "heads only",
     )
@@ -257,7 +260,17 @@ def run(args: argparse.Namespace, rest) -> dict:
         layers = lora_fast.inject_adapters(model, stacks, dropout=args.dropout)
         params = [p for layer in layers.values() for p in layer.train_slots(range(num_slots))] + heads()
         seconds = train_tasks(
-            model, tasks, train, params, slot_of, num_slots, steps, per_task, args.lr * 3, args.seed, label
+            model,
+            tasks,
+            train,
+            params,
+            slot_of,
+            num_slots,
+            steps,
+            per_task,
+            vision.vision_lr,
+            args.seed,
+            label,
         )
         scores = accuracy(model, tasks, test, slot_of, num_slots)
         count = sum(p.numel() for p in params)
@@ -265,75 +278,85 @@ def run(args: argparse.Namespace, rest) -> dict:
         reset()
         return scores, count, seconds
 
-    variants["single-task LoRA"] = lora_variant(
-        len(tasks), vision.vision_single_rank, tasks.index, "single-task LoRA"
-    )
-    variants["shared LoRA"] = lora_variant(1, vision.vision_shared_rank, lambda t: 0, "shared LoRA")
+    if "single" in args.variants:
+        variants["single-task LoRA"] = lora_variant(
+            len(tasks), vision.vision_single_rank, tasks.index, "single-task LoRA"
+        )
+    if "shared" in args.variants:
+        variants["shared LoRA"] = lora_variant(1, vision.vision_shared_rank, lambda t: 0, "shared LoRA")
 
-    weights = [model.get_submodule(name).weight for name in shared_names]
-    for weight in weights:
-        weight.requires_grad_(True)
-    params = weights + heads()
-    seconds = train_tasks(
-        model, tasks, train, params, lambda t: -1, 1, steps, per_task, args.lr, args.seed, "full FT"
-    )
-    variants["full fine-tuning"] = (
-        accuracy(model, tasks, test, lambda t: -1, 1),
-        sum(p.numel() for p in params),
-        seconds,
-    )
-    reset()
+    if "full" in args.variants:
+        weights = [model.get_submodule(name).weight for name in shared_names]
+        for weight in weights:
+            weight.requires_grad_(True)
+        params = weights + heads()
+        seconds = train_tasks(
+            model,
+            tasks,
+            train,
+            params,
+            lambda t: -1,
+            1,
+            steps,
+            per_task,
+            vision.vision_full_lr,
+            args.seed,
+            "full FT",
+        )
+        variants["full fine-tuning"] = (
+            accuracy(model, tasks, test, lambda t: -1, 1),
+            sum(p.numel() for p in params),
+            seconds,
+        )
+        reset()
 
-    mt = mtlora.inject_mtlora(
-        model,
-        PLACEMENT,
-        tasks,
-        vision.vision_shared_rank,
-        vision.vision_task_rank,
-        args.scale,
-        args.scale,
-        args.mode,
-        args.dropout,
-        args.seed,
-    )
-    params = mt.parameters() + heads()
-    seconds = train_tasks(
-        model,
-        tasks,
-        train,
-        params,
-        tasks.index,
-        len(tasks),
-        steps,
-        per_task,
-        args.lr * 3,
-        args.seed,
-        "MTLoRA",
-    )
-    variants["MTLoRA"] = (
-        accuracy(model, tasks, test, tasks.index, len(tasks)),
-        sum(p.numel() for p in params),
-        seconds,
-    )
-    step_time = _step_times(model, tasks, train, mt, per_task, args.timing_repeats)
-    single = variants["single-task LoRA"][0]
+    counts = step_time = None
+    for index, mode in enumerate(args.modes if "mtlora" in args.variants else ()):
+        mt = mtlora.inject_mtlora(
+            model,
+            PLACEMENT,
+            tasks,
+            vision.vision_shared_rank,
+            vision.vision_task_rank,
+            args.scale,
+            args.scale,
+            mode,
+            args.dropout,
+            args.seed,
+        )
+        params = mt.parameters() + heads()
+        seconds = train_tasks(
+            model,
+            tasks,
+            train,
+            params,
+            tasks.index,
+            len(tasks),
+            steps,
+            per_task,
+            vision.vision_lr,
+            args.seed,
+            f"MTLoRA ({mode})",
+        )
+        variants[f"MTLoRA ({mode})"] = (
+            accuracy(model, tasks, test, tasks.index, len(tasks)),
+            sum(p.numel() for p in params),
+            seconds,
+        )
+        if index == 0:
+            counts = mt.num_parameters()
+            step_time = _step_times(model, tasks, train, mt, per_task, args.timing_repeats)
+        mt.remove()
+        reset()
     return {
         "setting": "vision",
         "model": f"hierarchical ViT pre-trained in code on digits (test accuracy {digit_accuracy:.3f})",
         "tasks": tasks,
         "metric": "test accuracy (scikit-learn digits, 30% held out)",
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, **vars(vision)},
-        "variants": {
-            name: {
-                "scores": scores,
-                "mean": sum(scores.values()) / len(scores),
-                "delta_m": mtlora.delta_m(scores, single) if name != "single-task LoRA" else 0.0,
-                "trainable_parameters": count,
-                "seconds_per_step": seconds,
-            }
-            for name, (scores, count, seconds) in variants.items()
-        },
-        "mtlora_parameters": mt.num_parameters(),
+        "variants": table(variants),
+        "headline_mode": args.modes[0],
+        "mtlora_parameters": counts,
         "mtlora_step_time": step_time,
         "seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),

@@ -271,30 +271,36 @@ def train_mixed(
 ) -> list[float]:
     """AdamW on ``params``: every step one batch mixing ``per_task`` examples of every task, each
     sequence routed to its task's slot; ``after_step(step)`` runs after each optimizer step (e.g.
-    to keep checkpoints). Returns the loss per step."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
-    losses = []
-    model.train()
-    progress = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None)
-    for step in progress:
-        pairs, seq_slots = [], []
-        for task, slot in zip(tasks, slots, strict=True):
-            pairs += examples(task, per_task, rng, instructed=instructed)
-            seq_slots += [slot] * per_task
-        ids, labels, attention = encode(codec, pairs)
-        batch = AdapterBatch(seq_slots, num_slots, seq_len=ids.shape[1])
-        with adapter_batch(batch):
-            loss = next_token_loss(model_logits(model, ids, attention), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        if after_step is not None:
-            after_step(step)
-    model.eval()
-    return losses
+    to keep checkpoints). Returns the loss per step. Dropout draws from torch's generator seeded
+    with ``seed`` inside (the caller's generator state is restored), so a run does not depend on
+    what ran before it."""
+    params = list(params)
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        losses = []
+        model.train()
+        progress = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None)
+        for step in progress:
+            pairs, seq_slots = [], []
+            for task, slot in zip(tasks, slots, strict=True):
+                pairs += examples(task, per_task, rng, instructed=instructed)
+                seq_slots += [slot] * per_task
+            ids, labels, attention = encode(codec, pairs)
+            batch = AdapterBatch(seq_slots, num_slots, seq_len=ids.shape[1])
+            with adapter_batch(batch):
+                loss = next_token_loss(model_logits(model, ids, attention), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+            if after_step is not None:
+                after_step(step)
+        model.eval()
+        return losses
 
 
 def target_linears(model, suffixes: Sequence[str]) -> list[str]:
