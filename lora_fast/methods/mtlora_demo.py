@@ -237,6 +237,8 @@ def combine(results: Sequence[dict], seeds: Sequence[int]) -> dict:
             seconds = statistics.fmean(run["seconds_per_step"] for run in runs)
         raw[name] = (scores, runs[0]["trainable_parameters"], seconds)
     combined = dict(first, variants=table(raw), seeds=list(seeds))
+    if "pretrained_accuracy" in first:
+        combined["pretrained_accuracy"] = statistics.fmean(r["pretrained_accuracy"] for r in results)
     combined["seconds"] = sum(result["seconds"] for result in results)
     for name, variant in combined["variants"].items():
         variant["delta_m_per_seed"] = [result["variants"][name]["delta_m"] for result in results]
@@ -248,8 +250,13 @@ def markdown(result: dict) -> str:
     seeds = result.get("seeds", [result["config"]["seed"]])
     several = len(seeds) > 1
     averaged = f" Scores are means over {len(seeds)} seeds ({', '.join(map(str, seeds))})." if several else ""
+    model = result["model"]
+    if "pretrained_accuracy" in result:
+        model += (
+            f" (test accuracy {result['pretrained_accuracy']:.3f}{', mean over seeds' if several else ''})"
+        )
     lines = [
-        f"# MTLoRA, {result['setting']} setting, on {result['model']}",
+        f"# MTLoRA, {result['setting']} setting, on {model}",
         "",
         f"Tasks: {', '.join(tasks)}; metric: {result['metric']}. delta_m (%) is the paper's multi-task "
         f"gain over single-task LoRA (mean over tasks of (M - S) / S).{averaged}",

@@ -350,7 +350,8 @@ def run(args: argparse.Namespace, rest) -> dict:
         reset()
     return {
         "setting": "vision",
-        "model": f"hierarchical ViT pre-trained in code on digits (test accuracy {digit_accuracy:.3f})",
+        "model": "hierarchical ViT pre-trained in code on digits",
+        "pretrained_accuracy": digit_accuracy,
         "tasks": tasks,
         "metric": "test accuracy (scikit-learn digits, 30% held out)",
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, **vars(vision)},
