@@ -242,8 +242,10 @@ class ConditionalVAE(nn.Module):
         """``[B, num_tensors, 2]`` (mean / std, log std) of each tensor, from the condition alone."""
         if self.stats is None:
             raise ValueError("the unconditional VAE has no stats head; pass stats explicitly")
-        standardised = self.stats(self.condition(condition)).view(len(condition), self.num_tensors, 2)
-        return standardised * self.stats_std + self.stats_mean
+        return self._standardised_stats(condition) * self.stats_std + self.stats_mean
+
+    def _standardised_stats(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.stats(self.condition(condition)).view(len(condition), self.num_tensors, 2)
 
     def set_stats_normalisation(self, stats: torch.Tensor) -> None:
         """Standardise the stats head's targets by the mean and std of ``stats [N, tensors, 2]``."""
@@ -259,8 +261,7 @@ class ConditionalVAE(nn.Module):
         parts = {"mse": reconstruction.item(), "kl": kl.item()}
         if self.stats is not None:
             stats_loss = nn.functional.mse_loss(
-                (self.predict_stats(condition) - self.stats_mean) / self.stats_std,
-                (stats - self.stats_mean) / self.stats_std,
+                self._standardised_stats(condition), (stats - self.stats_mean) / self.stats_std
             )
             total = total + stats_loss
             parts["stats"] = stats_loss.item()

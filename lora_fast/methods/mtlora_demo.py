@@ -15,9 +15,9 @@ apart. Every variant trains the same number of steps on the same mixed-task batc
   away from them there; ``matrix`` stays as the paper's row.
 
 One ``--lr`` serves every LoRA variant (the single-task baseline's best of 2.5e-4 / 5e-4 / 1e-3 on
-this setting) and ``--full-lr`` full fine-tuning (its own best of 2.5e-5 / 5e-5 / 1e-4 /
-2e-4); see
-``benchmarks/results/mtlora_text.md``. ``--variants`` runs a subset (delta_m needs ``single``).
+this setting) and ``--full-lr`` full fine-tuning (its own best of 2.5e-5 / 5e-5 / 1e-4 / 2e-4); see
+``benchmarks/results/mtlora_text_lr_sweep.md``. ``--variants`` runs a subset (delta_m needs
+``single``); ``--seeds`` averages runs.
 
 Reports per-task exact match on held-out words, the paper's delta_m against single-task LoRA,
 trainable parameters, and MTLoRA's training step time on mixed-task batches against single-task
