@@ -26,6 +26,7 @@ import lora_fast
 from lora_fast.layers import remove_adapters
 from lora_fast.methods import mtlora
 from lora_fast.methods.mtlora_demo import table
+from lora_fast.methods.tasks import seeded
 
 PLACEMENT = mtlora.MTLoRAPlacement(
     shared=(r"stages\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",),
@@ -143,27 +144,29 @@ def pretrain(model: HierarchicalViT, images, labels, steps: int, seed: int) -> N
 
 def train_tasks(model, tasks, data, params, slot_of, num_slots, steps, per_task, lr, seed, label) -> float:
     """Mixed-task batches (``per_task`` images of every task), the sum of per-task losses, each
-    task on its head; returns seconds per step."""
-    rng = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    started = time.perf_counter()
-    for _ in tqdm(range(steps), desc=label, unit="step", leave=False, disable=None):
-        chosen = {t: torch.randint(0, len(data[t][1]), (per_task,), generator=rng) for t in tasks}
-        images = torch.cat([data[t][0][chosen[t]] for t in tasks])
-        slots = torch.tensor([slot_of(t) for t in tasks for _ in range(per_task)])
-        features = model.features(images, slots, num_slots)
-        loss = sum(
-            nn.functional.cross_entropy(
-                model.heads[t](features[i * per_task : (i + 1) * per_task]), data[t][1][chosen[t]]
+    task on its head; returns seconds per step. Dropout is seeded with ``seed`` (``tasks.seeded``)."""
+    params = list(params)
+    with seeded(seed, params):
+        rng = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        model.train()
+        started = time.perf_counter()
+        for _ in tqdm(range(steps), desc=label, unit="step", leave=False, disable=None):
+            chosen = {t: torch.randint(0, len(data[t][1]), (per_task,), generator=rng) for t in tasks}
+            images = torch.cat([data[t][0][chosen[t]] for t in tasks])
+            slots = torch.tensor([slot_of(t) for t in tasks for _ in range(per_task)])
+            features = model.features(images, slots, num_slots)
+            loss = sum(
+                nn.functional.cross_entropy(
+                    model.heads[t](features[i * per_task : (i + 1) * per_task]), data[t][1][chosen[t]]
+                )
+                for i, t in enumerate(tasks)
             )
-            for i, t in enumerate(tasks)
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return (time.perf_counter() - started) / steps
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        return (time.perf_counter() - started) / steps
 
 
 @torch.no_grad()

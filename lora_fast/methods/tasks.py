@@ -14,8 +14,9 @@ answer position is the right token, which is exactly when greedy decoding would 
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,6 +254,16 @@ def evaluate(
     }
 
 
+@contextlib.contextmanager
+def seeded(seed: int, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """torch's generator (and the CUDA ones of ``params``' devices) seeded with ``seed`` inside, the
+    caller's state restored after: dropout in a training run does not depend on what ran before."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def train_mixed(
     model,
     params: Iterable[torch.nn.Parameter],
@@ -275,9 +286,7 @@ def train_mixed(
     with ``seed`` inside (the caller's generator state is restored), so a run does not depend on
     what ran before it."""
     params = list(params)
-    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, params):
         rng = random.Random(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         losses = []
