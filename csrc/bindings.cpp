@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace lora_fast {
 namespace cpu {
@@ -29,6 +30,34 @@ TORCH_LIBRARY(lora_fast_C, m) {
       "bool needs_x, bool needs_A, bool needs_B) -> (Tensor, Tensor, Tensor)");
 }
 
+namespace {
+
+// For each tensor i: has its (version counter, data pointer) moved from stamps[i]? Returns the
+// indices that did and writes their new stamps. One call checks a whole list of parameters
+// for in-place updates (version) or new storage (data pointer), without a Python attribute
+// read per tensor: after a model's big GEMMs those objects are cold in cache, and this loop lets
+// the CPU overlap the misses of independent tensors.
+std::vector<int64_t> changed_since(const std::vector<at::Tensor>& tensors, at::Tensor& stamps) {
+  TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
+                        stamps.dim() == 2 && stamps.size(0) == static_cast<int64_t>(tensors.size()) &&
+                        stamps.size(1) == 2,
+                    "stamps must be a contiguous CPU int64 tensor of shape [len(tensors), 2]");
+  int64_t* stamp = stamps.data_ptr<int64_t>();
+  std::vector<int64_t> changed;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t version = static_cast<int64_t>(tensors[i]._version());
+    const int64_t address = reinterpret_cast<int64_t>(tensors[i].data_ptr());
+    if (stamp[2 * i] != version || stamp[2 * i + 1] != address) {
+      stamp[2 * i] = version;
+      stamp[2 * i + 1] = address;
+      changed.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return changed;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lora_fast compiled kernels; the ops live in torch.ops.lora_fast_C";
   m.def("cuda_compiled", [] {
@@ -39,4 +68,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "True when the extension was built with its CUDA kernels");
   m.def("cpu_isa", &lora_fast::cpu::isa_name, "Instruction set the CPU kernels run with here");
+  m.def("changed_since", &changed_since, "Indices of tensors whose (version, data pointer) left stamps",
+        pybind11::arg("tensors"), pybind11::arg("stamps"));
 }

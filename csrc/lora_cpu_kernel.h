@@ -112,6 +112,98 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
   }
 }
 
+// Slots with at most kStreamTokens tokens (decode): each weight row serves so few tokens that
+// the time goes to reading it from memory. These read the slot's [k][width] block front to back,
+// one row at a time, so the weight blocks of consecutive slots form one sequential stream that
+// the hardware prefetcher follows from slot to slot. (The register tiles above read TN or k rows
+// side by side: many short streams, restarted at every slot, which measured 1.3x slower here.)
+template <typename acc_t, int M>
+inline void shrink_rows(const acc_t* const* x_rows, const acc_t* a, int64_t k, int64_t d, acc_t* t,
+                        int64_t ldt) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  for (int64_t j = 0; j < k; ++j) {
+    const acc_t* row = a + j * d;
+    V acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = V{};
+    int64_t c = 0;
+    for (; c + 2 * W <= d; c += 2 * W) {
+      const V a0 = S::load(row + c), a1 = S::load(row + c + W);
+      for (int i = 0; i < M; ++i) {
+        acc[i][0] += S::load(x_rows[i] + c) * a0;
+        acc[i][1] += S::load(x_rows[i] + c + W) * a1;
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      acc_t s = S::sum(acc[i][0] + acc[i][1]);
+      for (int64_t cc = c; cc < d; ++cc) s += x_rows[i][cc] * row[cc];
+      t[i * ldt + j] = s;
+    }
+  }
+}
+
+template <typename acc_t, int M>
+inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
+                        acc_t* const* y_rows) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  for (int64_t j = 0; j < k; ++j) {
+    const acc_t* row = bt + j * d_out;
+    V tv[M];
+    for (int i = 0; i < M; ++i) tv[i] = V{} + t[i * ldt + j];
+    int64_t n = 0;
+    for (; n + 2 * W <= d_out; n += 2 * W) {
+      const V b0 = S::load(row + n), b1 = S::load(row + n + W);
+      for (int i = 0; i < M; ++i) {
+        S::store(y_rows[i] + n, S::load(y_rows[i] + n) + tv[i] * b0);
+        S::store(y_rows[i] + n + W, S::load(y_rows[i] + n + W) + tv[i] * b1);
+      }
+    }
+    for (; n < d_out; ++n)
+      for (int i = 0; i < M; ++i) y_rows[i][n] += t[i * ldt + j] * row[n];
+  }
+}
+
+// t = A x for m <= LF_TOKENS_PER_TILE tokens, streamed or register-tiled by the slot's token count.
+template <typename acc_t>
+inline void shrink(bool stream, int m, const acc_t* const* x_rows, const acc_t* a, int64_t k, int64_t d,
+                   acc_t* t, int64_t ldt) {
+  if (stream) {
+    switch (m) {
+      case 3: shrink_rows<acc_t, 3>(x_rows, a, k, d, t, ldt); return;
+      case 2: shrink_rows<acc_t, 2>(x_rows, a, k, d, t, ldt); return;
+      default: shrink_rows<acc_t, 1>(x_rows, a, k, d, t, ldt); return;
+    }
+  }
+  switch (m) {
+    case 4: shrink_tokens<acc_t, 4>(x_rows, a, k, d, t, ldt); return;
+    case 3: shrink_tokens<acc_t, 3>(x_rows, a, k, d, t, ldt); return;
+    case 2: shrink_tokens<acc_t, 2>(x_rows, a, k, d, t, ldt); return;
+    default: shrink_tokens<acc_t, 1>(x_rows, a, k, d, t, ldt); return;
+  }
+}
+
+// y += B t for m <= LF_TOKENS_PER_TILE tokens, streamed or register-tiled like shrink().
+template <typename acc_t>
+inline void expand(bool stream, int m, const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
+                   acc_t* const* y_rows) {
+  if (stream) {
+    switch (m) {
+      case 3: expand_rows<acc_t, 3>(t, ldt, bt, k, d_out, y_rows); return;
+      case 2: expand_rows<acc_t, 2>(t, ldt, bt, k, d_out, y_rows); return;
+      default: expand_rows<acc_t, 1>(t, ldt, bt, k, d_out, y_rows); return;
+    }
+  }
+  switch (m) {
+    case 4: expand_tokens<acc_t, 4>(t, ldt, bt, k, d_out, y_rows); return;
+    case 3: expand_tokens<acc_t, 3>(t, ldt, bt, k, d_out, y_rows); return;
+    case 2: expand_tokens<acc_t, 2>(t, ldt, bt, k, d_out, y_rows); return;
+    default: expand_tokens<acc_t, 1>(t, ldt, bt, k, d_out, y_rows); return;
+  }
+}
+
 // Transposes the first k columns of a slot's [rows, r_max] block into dst [k][rows] (acc_t), in
 // blocks of rows so the block stays in L1 while each of the k rows of dst is written contiguously.
 template <typename scalar_t, typename acc_t>
@@ -201,6 +293,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
       loaded_slot = slot;
     }
 
+    const bool stream = item.count <= kStreamTokens;
     for (int64_t first = 0; first < item.count; first += TM) {
       const int m = static_cast<int>(std::min<int64_t>(TM, item.count - first));
       const int64_t* tokens = p.token_order + item.begin + first;
@@ -221,12 +314,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
             }
           }
           const acc_t* a_piece = a + j0 * in_width;
-          switch (m) {
-            case 4: shrink_tokens<acc_t, 4>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
-            case 3: shrink_tokens<acc_t, 3>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
-            case 2: shrink_tokens<acc_t, 2>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
-            default: shrink_tokens<acc_t, 1>(x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank); break;
-          }
+          shrink<acc_t>(stream, m, x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank);
           if (p.t != nullptr)
             for (int i = 0; i < m; ++i)
               for (int64_t j = 0; j < kj; ++j) p.t[tokens[i] * p.t_row_stride + j0 + j] = t_buf[i * kMaxTileRank + j];
@@ -248,12 +336,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
           }
         }
         const acc_t* bt_piece = bt + j0 * out_width;
-        switch (m) {
-          case 4: expand_tokens<acc_t, 4>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
-          case 3: expand_tokens<acc_t, 3>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
-          case 2: expand_tokens<acc_t, 2>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
-          default: expand_tokens<acc_t, 1>(t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows); break;
-        }
+        expand<acc_t>(stream, m, t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows);
       }
       if constexpr (convert) {
         if (has_expand) {

@@ -14,6 +14,10 @@ enum class Mode { kShrink, kExpand, kDelta, kBackwardX };
 #define LF_TOKENS_PER_TILE 4
 // Rank columns held on the stack per pass; a larger rank goes through in several passes.
 constexpr int64_t kMaxTileRank = 64;
+// A work item of at most this many tokens reads its slot's weights as one sequential stream
+// (shrink_rows / expand_rows) rather than in register tiles: measured on a 1-thread AMD EPYC
+// decode sweep, streaming wins at 1-3 tokens per slot and tiling from 4.
+constexpr int64_t kStreamTokens = 3;
 // Tokens per work item. Items of one slot are consecutive, so a thread that takes a run of them
 // converts that slot's weights once.
 constexpr int64_t kChunkTokens = 32;

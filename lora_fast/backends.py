@@ -8,6 +8,7 @@ tensors' device. ``LORA_FAST_BACKEND=<name>`` or ``with use_backend(name):`` for
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -53,7 +54,13 @@ def cpu_isa() -> str | None:
 
 def available(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
     """Backends that can run on ``device`` (and ``dtype`` when given), fastest first."""
-    device_type = torch.device(device).type
+    return list(_available(torch.device(device).type, dtype))
+
+
+@functools.cache
+def _available(device_type: str, dtype: torch.dtype | None) -> tuple[str, ...]:
+    # What is built and importable is fixed once lora_fast is imported, so every op call after
+    # the first reads the answer from this cache.
     kernels = _triton_kernels()
     triton_ok = kernels is not None and (dtype is None or dtype in kernels.SUPPORTED_DTYPES)
     found = []
@@ -68,7 +75,7 @@ def available(device: torch.device | str, dtype: torch.dtype | None = None) -> l
         if triton_ok and _triton_interpreted():
             found.append("triton")
     found.append("torch")
-    return found
+    return tuple(found)
 
 
 def _triton_kernels() -> ModuleType | None:
@@ -96,13 +103,14 @@ def forced() -> str | None:
 
 def select(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend an op on ``device`` with ``dtype`` inputs runs with."""
-    choices = available(device, dtype)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    choices = _available(device_type, dtype)
     name = forced()
     if name is None:
         return choices[0]
     if name not in choices:
-        what = torch.device(device).type + ("" if dtype is None else f" {dtype}")
-        raise ValueError(f"backend {name!r} cannot run on {what} tensors here; available: {choices}")
+        what = device_type + ("" if dtype is None else f" {dtype}")
+        raise ValueError(f"backend {name!r} cannot run on {what} tensors here; available: {list(choices)}")
     return name
 
 

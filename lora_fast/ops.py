@@ -292,14 +292,18 @@ def _eager_direct(*tensors: Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
-    if _needs_grad(*tensors):
-        return False
-    return all(type(t) is torch.Tensor and t.device.type != "meta" for t in tensors)
+    grad_enabled = torch.is_grad_enabled()
+    for t in tensors:  # a plain loop: this runs once per layer call
+        if type(t) is not torch.Tensor or t.is_meta or (grad_enabled and t.requires_grad):
+            return False
+    return True
 
 
 def _dispatch_mode_active() -> bool:
-    stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return stack_depth is None or stack_depth() > 0
+    return _DISPATCH_STACK_DEPTH is None or _DISPATCH_STACK_DEPTH() > 0
+
+
+_DISPATCH_STACK_DEPTH = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
 def _check_x_A(x: object, A: object, batch: AdapterBatch) -> tuple[Tensor, Tensor]:

@@ -196,3 +196,71 @@ def test_cached_stacks_follow_weight_and_scaling_changes():
     lora_fast.restore(model)
     assert_same(got, logits(model, ids, adapter_names=names))
     assert_same(single, logits(model, ids))
+
+
+def _replace_weight(layer, name, value):
+    layer.lora_A[name].weight = torch.nn.Parameter(value)
+
+
+def _change(kind, model, seed):
+    """One kind of adapter change, applied identically to ``model`` (accelerated or not)."""
+    gen = torch.Generator().manual_seed(seed)
+    decoder = model.base_model.model.model.layers[1]
+    layer = decoder.mlp.down_proj
+    with torch.no_grad():
+        if kind == "in place":
+            layer.lora_A["a3"].weight.add_(torch.randn(layer.lora_A["a3"].weight.shape, generator=gen))
+        elif kind == "data assigned":  # new storage, same version counter
+            weight = layer.lora_B["a0"].weight
+            weight.data = torch.randn(weight.shape, generator=gen)
+        elif kind == "parameter replaced":
+            _replace_weight(layer, "a2", torch.randn(layer.lora_A["a2"].weight.shape, generator=gen))
+        elif kind == "module replaced":
+            linear = torch.nn.Linear(layer.in_features, 16, bias=False)
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen))
+            layer.lora_A["a3"] = linear
+        elif kind == "scaling":
+            layer.scaling["a0"] *= -2.0
+        elif kind == "state dict assigned":
+            state = {
+                name: torch.randn(param.shape, generator=gen)
+                for name, param in decoder.self_attn.v_proj.named_parameters()
+                if "lora_" in name
+            }
+            decoder.self_attn.v_proj.load_state_dict(state, strict=False, assign=True)
+        elif kind == "parameters swapped unregistered":  # as Module._apply does without set_data
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and "weight" in module._parameters:
+                    weight = module._parameters["weight"]
+                    module._parameters["weight"] = torch.nn.Parameter(weight.detach() * 1.5)
+
+
+CHANGES = [
+    "in place",
+    "data assigned",
+    "parameter replaced",
+    "module replaced",
+    "scaling",
+    "state dict assigned",
+    "parameters swapped unregistered",
+]
+
+
+def test_each_kind_of_adapter_change_between_calls_reaches_the_output():
+    # Each change alone, between two calls with the same batch: the accelerated model's cached
+    # stacks must follow it exactly as PEFT's own forward (a twin model, never accelerated) does.
+    model = peft_model()
+    twin = copy.deepcopy(model)
+    lora_fast.accelerate(model)
+    ids = torch.randint(1, 97, (4, 5))
+    names = ["a0", "a3", "a2", "a0"]
+    before = logits(twin, ids, adapter_names=names)
+    assert_same(logits(model, ids, adapter_names=names), before)
+    for seed, kind in enumerate(CHANGES):
+        _change(kind, model, seed)
+        _change(kind, twin, seed)
+        got, expected = logits(model, ids, adapter_names=names), logits(twin, ids, adapter_names=names)
+        assert not torch.allclose(expected, before), f"{kind}: the change should move the output"
+        tolerance = 1e-5 * float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=tolerance, msg=kind)
+        before = expected

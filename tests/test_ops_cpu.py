@@ -222,3 +222,24 @@ def test_rank_major_B_matches_reference_forward_and_backward(isa, dtype):
     )
     for got, want in zip((x.grad, A.grad, B.grad), grads, strict=True):
         assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
+def test_streamed_and_tiled_slots_in_one_batch(isa, dtype, rank_major):
+    # Slots with 1-3 tokens take the streamed path (one weight row at a time), slots with 4 or
+    # more the register tiles; one batch holds both, plus an empty slot, -1 tokens, a rank above
+    # the 64-column pass and widths that are no multiple of any vector width.
+    counts = [1, 2, 3, 4, 5, 0, 1, 37]
+    ids = torch.cat([torch.full((n,), slot) for slot, n in enumerate(counts)] + [torch.full((3,), -1)])
+    ids = ids[torch.randperm(len(ids))]
+    c = random_case(len(ids), len(counts), 97, 161, 80, dtype=dtype, ids=ids)
+    B = c["B"]
+    if rank_major:  # the stacked layout lora_fast.accelerate keeps: [S, r_max, d_out], transposed
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    start = torch.randn(len(ids), 161, dtype=torch.float64).to(dtype)
+    out = start.clone()
+    with lora_fast.use_backend("cpu"):
+        lora_fast.lora_delta(c["x"], c["A"], B, c["batch"], c["scales"], c["ranks"], out=out)
+    delta = expected_delta(c)
+    assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 4)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import types
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
 from ..ops import lora_delta
 
@@ -46,6 +46,32 @@ class AccelerationReport:
         return "\n".join(lines)
 
 
+# Bumped whenever any module registers a parameter, or a ModuleDict gains or becomes a submodule
+# (PEFT keeps each layer's adapters in the ModuleDicts lora_A / lora_B): an adapter's weights
+# replaced, reloaded with assign=True, or its Linear swapped. Accelerated layers then look their
+# parameters up again. (Submodules registered elsewhere do not count: transformers slices its
+# ModuleList of decoder layers, which registers each layer anew, on every forward.)
+_registration_epoch = [0]
+_registration_hooks: list = []
+
+
+def _parameter_registered(module, name, param) -> None:
+    _registration_epoch[0] += 1
+
+
+def _module_registered(module, name, submodule) -> None:
+    if isinstance(module, nn.ModuleDict) or isinstance(submodule, nn.ModuleDict):
+        _registration_epoch[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _registration_hooks:
+        from torch.nn.modules import module
+
+        _registration_hooks.append(module.register_module_parameter_registration_hook(_parameter_registered))
+        _registration_hooks.append(module.register_module_module_registration_hook(_module_registered))
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Route every supported LoRA Linear of a PEFT model through lora_fast; returns ``model``.
 
@@ -58,6 +84,7 @@ def accelerate(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} has no PEFT LoRA layers to accelerate; "
             "wrap it with peft.get_peft_model first"
         )
+    _watch_registrations()
     state = getattr(model, "_lora_fast_model_state", None) or _ModelState(model)
     report = AccelerationReport()
     for name, layer in lora_layers.items():
@@ -135,7 +162,7 @@ class _ModelState:
         self.tuner = getattr(model, "base_model", model)
         self.known_layers: set[str] = set()
         self.current_names: list[str] | None = None
-        self._slot_names: tuple[str, ...] = ()
+        self.slot_names: tuple[str, ...] = ()
         self._slot_of: dict[str, int] = {}
         self._batch_key: object = None
         self._batch: AdapterBatch | None = None
@@ -146,8 +173,8 @@ class _ModelState:
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
         names = tuple(getattr(self.tuner, "peft_config", {}).keys())
-        if names != self._slot_names:
-            self._slot_names = names
+        if names != self.slot_names:
+            self.slot_names = names
             self._slot_of = {name: slot for slot, name in enumerate(names)}
             self._batch_key = None
             # adapters added after accelerate() may have created LoRA layers for new target modules
@@ -158,7 +185,7 @@ class _ModelState:
     def batch(self, adapter_names: list[str], seq_len: int, device: torch.device) -> AdapterBatch:
         """The AdapterBatch of this call, built by the first layer and reused by the others."""
         slot_of = self.slot_of()
-        key = (tuple(adapter_names), seq_len, device, self._slot_names)
+        key = (tuple(adapter_names), seq_len, device, self.slot_names)
         if key != self._batch_key:
             ids = [slot_of.get(name, NO_ADAPTER) for name in adapter_names]  # "__base__" -> -1
             self._batch = AdapterBatch(
@@ -234,60 +261,100 @@ class _LayerState:
         self._layout_key: object = None
         self._stacks: tuple = ()
         self._stamps: dict[str, tuple] = {}
+        self._names_key: object = None
+        self._names: tuple[frozenset[str], bool] = (frozenset(), False)
+        self._resolved_names: object = None
+        self._resolved_epoch = -1
+        self._resolved: list[tuple[str, nn.Parameter, nn.Parameter]] = []
+        self._resolved_tensors: list[nn.Parameter] = []
+        self._resolved_stamps = torch.empty(0, 2, dtype=torch.int64)
+        self._scaling_seen: dict | None = None
+
+    def names_in_batch(self, batch_names: frozenset[str]) -> tuple[frozenset[str], bool]:
+        """``(names, peft_path)``: the batch's adapters this layer has, and whether this call must
+        take PEFT's path (one of them is a variant or has a bias, or they mix dtypes)."""
+        if batch_names is not self._names_key:
+            names = batch_names & self.dtypes.keys()
+            peft_path = bool(names & self.unsupported) or len({self.dtypes[n] for n in names}) > 1
+            self._names_key, self._names = batch_names, (names, peft_path)
+        return self._names
 
     def refresh(self, layer: nn.Module) -> None:
-        key = (tuple(layer.lora_A.keys()), tuple(layer.lora_variant))
+        key = (tuple(layer._modules["lora_A"]._modules), tuple(layer.lora_variant))
         if key == self._adapters_key:
             return
         self._adapters_key = key
+        self._names_key = self._resolved_names = None
         self.unsupported = frozenset(
             name for name in layer.lora_A if name in layer.lora_variant or layer.lora_B[name].bias is not None
         )
         self.dtypes = {name: layer.lora_A[name].weight.dtype for name in layer.lora_A}
         self.r_max = max((layer.lora_A[name].weight.shape[0] for name in layer.lora_A), default=0)
+        # deleted adapters: drop their stamps (which hold their parameters)
+        self._stamps = {name: stamp for name, stamp in self._stamps.items() if name in layer.lora_A}
 
     def inference_stacks(self, layer: nn.Module, slot_of: dict[str, int], names) -> tuple:
         """``(A, B, scales, ranks)`` with the slots of ``names`` up to date."""
-        weight = layer.lora_A[next(iter(names))].weight
-        layout = (tuple(slot_of), self.r_max, weight.dtype, weight.device)
+        lora_A = layer._modules["lora_A"]._modules
+        first = lora_A[next(iter(names))]._parameters["weight"]
+        layout = (self.model_state.slot_names, self.r_max, first.dtype, first.device)
         if layout != self._layout_key:
             num_slots = len(slot_of)
-            A = weight.new_zeros(num_slots, self.r_max, layer.in_features)
-            B_rank_major = weight.new_zeros(num_slots, self.r_max, layer.out_features)
-            scales = torch.zeros(num_slots, dtype=torch.float32, device=weight.device)
-            ranks = torch.zeros(num_slots, dtype=torch.int64, device=weight.device)
-            self._stacks = (A, B_rank_major, scales, ranks)
-            self._layout_key, self._stamps = layout, {}
-        A, B_rank_major, scales, ranks = self._stacks
-        for name in names:
-            a = layer.lora_A._modules[name]._parameters["weight"]
-            b = layer.lora_B._modules[name]._parameters["weight"]
-            stamp = self._stamps.get(name)
-            # weak references: a parameter freed and replaced at the same address never matches
-            if (
-                stamp is None
-                or stamp[0]() is not a
-                or stamp[1]() is not b
-                or stamp[2:] != (a.data_ptr(), a._version, b.data_ptr(), b._version, layer.scaling[name])
-            ):
+            A = first.new_zeros(num_slots, self.r_max, layer.in_features)
+            B_rank_major = first.new_zeros(num_slots, self.r_max, layer.out_features)
+            scales = torch.zeros(num_slots, dtype=torch.float32, device=first.device)
+            ranks = torch.zeros(num_slots, dtype=torch.int64, device=first.device)
+            self._stacks = (A, B_rank_major, scales, ranks, B_rank_major.transpose(1, 2))
+            self._layout_key, self._stamps, self._resolved_names = layout, {}, None
+        A, B_rank_major, scales, ranks, B = self._stacks
+        # Walking the modules to each parameter costs more than the rest of this call (those
+        # objects are cold in cache after the base GEMMs), so the parameters are looked up again
+        # only when the names change, a parameter or module was registered anywhere since (an
+        # adapter replaced or reloaded), or this layer's first parameter is not the one seen
+        # (parameters swapped without registration, e.g. by a conversion).
+        if (
+            self._resolved_epoch != _registration_epoch[0]
+            or (names is not self._resolved_names and names != self._resolved_names)
+            or self._resolved[0][1] is not first
+        ):
+            lora_B = layer._modules["lora_B"]._modules
+            self._resolved = [
+                (name, lora_A[name]._parameters["weight"], lora_B[name]._parameters["weight"])
+                for name in names
+            ]
+            self._resolved_names, self._resolved_epoch = names, _registration_epoch[0]
+            self._resolved_tensors = [weight for _, a, b in self._resolved for weight in (a, b)]
+            self._resolved_stamps = torch.full((len(self._resolved_tensors), 2), -1, dtype=torch.int64)
+            self._scaling_seen = None
+        # Which adapters may have changed: all of them when the scalings did, else those whose
+        # parameters were updated in place or got new storage (one compiled call for all).
+        scaling = layer.scaling
+        extension = backends.extension()
+        if scaling != self._scaling_seen or extension is None:
+            suspects = self._resolved
+            self._scaling_seen = dict(scaling)
+            if extension is not None:
+                extension.changed_since(self._resolved_tensors, self._resolved_stamps)
+        else:
+            moved = extension.changed_since(self._resolved_tensors, self._resolved_stamps)
+            suspects = [self._resolved[index // 2] for index in dict.fromkeys(moved)]
+        stamps = self._stamps
+        for name, a, b in suspects:
+            # The stamp holds the parameters themselves, so a parameter replaced by another one
+            # never matches (the old one cannot be freed and its address reused meanwhile).
+            stamp = stamps.get(name)
+            version = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling[name])
+            if stamp is None or stamp[0] is not a or stamp[1] is not b or stamp[2] != version:
                 slot, rank = slot_of[name], a.shape[0]
                 with torch.no_grad():
                     A[slot].zero_()
                     A[slot, :rank].copy_(a)
                     B_rank_major[slot].zero_()
                     B_rank_major[slot, :rank].copy_(b.T)
-                    scales[slot] = float(layer.scaling[name])
+                    scales[slot] = float(scaling[name])
                     ranks[slot] = rank
-                self._stamps[name] = (
-                    weakref.ref(a),
-                    weakref.ref(b),
-                    a.data_ptr(),
-                    a._version,
-                    b.data_ptr(),
-                    b._version,
-                    layer.scaling[name],
-                )
-        return A, B_rank_major.transpose(1, 2), scales, ranks
+                stamps[name] = (a, b, version)
+        return A, B, scales, ranks
 
     def training_stacks(self, layer: nn.Module, slot_of: dict[str, int]) -> tuple:
         """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd."""
@@ -346,8 +413,8 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         )
     rows = x.reshape(-1, x.shape[-1])
     batch = model_state.batch(adapter_names, rows.shape[0] // len(adapter_names), x.device)
-    names_here = model_state.batch_names & layer_state.dtypes.keys()
-    if names_here & layer_state.unsupported or len({layer_state.dtypes[n] for n in names_here}) > 1:
+    names_here, peft_path = layer_state.names_in_batch(model_state.batch_names)
+    if peft_path:
         return _peft_forward(self, x, adapter_names, args, kwargs)
     if self.training and any(getattr(self.lora_dropout[n], "p", 0.0) > 0 for n in names_here):
         return _peft_forward(self, x, adapter_names, args, kwargs)  # per-adapter dropout masks
