@@ -6,9 +6,10 @@
 
 Every adapter has rank 16 on the seven projections of every decoder layer. A batch of sequences
 cycles through L adapters (``adapter_names``). Timed in one process: the base model alone (no
-PEFT), PEFT's mixed-batch forward, and the same PeftModel after ``lora_fast.accelerate``, for a
-decode-like batch (many sequences of 1 token) and a prefill-like one, plus greedy generation.
-The ceiling is the base model: LoRA for free.
+PEFT), PEFT's mixed-batch forward, and a twin of that PeftModel after ``lora_fast.accelerate``,
+for a decode-like batch (many sequences of 1 token) and a prefill-like one, plus greedy
+generation. On the CPU the three run in interleaved rounds, so the drift of a shared machine
+falls on all of them alike. The ceiling is the base model: LoRA for free.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import argparse
 import copy
 import functools
 import re
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,26 +44,15 @@ def build_models(base: torch.nn.Module, num_adapters: int, rank: int, dtype: tor
     return base.eval(), model.to(dtype).eval()
 
 
-def timer(device: str, min_run_time: float, repetitions: int) -> Callable[[Callable[[], object]], float]:
-    def measure(fn: Callable[[], object]) -> float:
-        if device == "cuda":
-            return common.gpu_median_us(fn, repetitions, graph=False)
-        return common.median_us(fn, min_run_time)
-
-    return measure
-
-
-def wall_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measure_us(
+    fns: dict[str, Callable[[], object]], device: str, min_run_time: float, repetitions: int
+) -> dict[str, float]:
+    """Median microseconds per call of each function: on the CPU in interleaved rounds (the
+    machine's drift hits base, PEFT and lora_fast alike), on a GPU one after the other with
+    CUDA events."""
+    if device == "cuda":
+        return {name: common.gpu_median_us(fn, repetitions, graph=False) for name, fn in fns.items()}
+    return common.interleaved_median_us(fns, min_run_time)
 
 
 def run(
@@ -81,50 +69,60 @@ def run(
     base = base.to(device, dtype)
     base_model, peft_model = build_models(base, max(adapter_counts), 16, dtype)
     peft_model.to(device)
-    measure = timer(device, min_run_time, repetitions)
+    # PEFT's own forward and the accelerated one on twin models, so they can alternate
+    fast_model = lora_fast.accelerate(copy.deepcopy(peft_model))
     rows = []
     for L in adapter_counts:
         for phase, (sequences, length) in shapes.items():
             ids = torch.randint(1, vocab, (sequences, length), device=device)
             names = [f"a{i % L}" for i in range(sequences)]
+            fns = {
+                "base": functools.partial(base_model, input_ids=ids),
+                "peft": functools.partial(peft_model, input_ids=ids, adapter_names=names),
+                "lora_fast": functools.partial(fast_model, input_ids=ids, adapter_names=names),
+            }
             with torch.no_grad():
-                mixed = functools.partial(peft_model, input_ids=ids, adapter_names=names)
-                lora_fast.restore(peft_model)
-                expected = mixed().logits.float()
-                peft_us = measure(mixed)
-                base_us = measure(functools.partial(base_model, input_ids=ids))
-                lora_fast.accelerate(peft_model)
-                got = mixed().logits.float()
-                fast_us = measure(mixed)
+                expected = fns["peft"]().logits.float()
+                got = fns["lora_fast"]().logits.float()
+                times = measure_us(fns, device, min_run_time, repetitions)
             error = float((got - expected).abs().max() / expected.abs().max())
             tokens = sequences * length
-            row = {
-                "phase": phase,
-                "adapters": L,
-                "sequences": sequences,
-                "tokens_per_sequence": length,
-                "base_us": base_us,
-                "peft_us": peft_us,
-                "lora_fast_us": fast_us,
-                "peft_over_base": peft_us / base_us,
-                "lora_fast_over_base": fast_us / base_us,
-                "speedup_vs_peft": peft_us / fast_us,
-                "lora_fast_tokens_per_s": tokens / fast_us * 1e6,
-                "max_rel_logit_error_vs_peft": error,
-            }
-            rows.append(row)
-            print(
-                f"{phase:8s} L={L:3d} {sequences}x{length}: base {base_us / 1e3:8.2f} ms"
-                f"  PEFT x{row['peft_over_base']:.2f}  lora_fast x{row['lora_fast_over_base']:.2f} of base"
-                f"  ({row['speedup_vs_peft']:.2f}x PEFT)",
-                flush=True,
-            )
-        rows.append(generation_row(base_model, peft_model, L, shapes["decode"][0], vocab, new_tokens, device))
+            rows.append(row_of(phase, L, sequences, length, times, tokens, max_rel_logit_error_vs_peft=error))
+            print_row(rows[-1])
+        models = (base_model, peft_model, fast_model)
+        rows.append(generation_row(*models, L, shapes["decode"][0], vocab, new_tokens, device))
     return rows
 
 
-def generation_row(base_model, peft_model, L, sequences, vocab, new_tokens, device) -> dict:
-    """Greedy generation of ``new_tokens`` for ``sequences`` prompts of 8 tokens, tokens/s."""
+def row_of(phase, L, sequences, length, times, tokens, **extra) -> dict:
+    base_us, peft_us, fast_us = times["base"], times["peft"], times["lora_fast"]
+    return {
+        "phase": phase,
+        "adapters": L,
+        "sequences": sequences,
+        "tokens_per_sequence": length,
+        "base_us": base_us,
+        "peft_us": peft_us,
+        "lora_fast_us": fast_us,
+        "peft_over_base": peft_us / base_us,
+        "lora_fast_over_base": fast_us / base_us,
+        "speedup_vs_peft": peft_us / fast_us,
+        "lora_fast_tokens_per_s": tokens / fast_us * 1e6,
+        **extra,
+    }
+
+
+def print_row(row: dict) -> None:
+    print(
+        f"{row['phase']:8s} L={row['adapters']:3d} {row['sequences']}x{row['tokens_per_sequence']}:"
+        f" base {row['base_us'] / 1e3:8.2f} ms  PEFT x{row['peft_over_base']:.2f}"
+        f"  lora_fast x{row['lora_fast_over_base']:.2f} of base ({row['speedup_vs_peft']:.2f}x PEFT)",
+        flush=True,
+    )
+
+
+def generation_row(base_model, peft_model, fast_model, L, sequences, vocab, new_tokens, device) -> dict:
+    """Greedy generation of ``new_tokens`` for ``sequences`` prompts of 8 tokens."""
     ids = torch.randint(1, vocab, (sequences, 8), device=device)
     names = [f"a{i % L}" for i in range(sequences)]
     kwargs = {
@@ -133,39 +131,28 @@ def generation_row(base_model, peft_model, L, sequences, vocab, new_tokens, devi
         "do_sample": False,
         "pad_token_id": 0,
     }
-    with torch.no_grad():
-        base_s = wall_seconds(lambda: base_model.generate(input_ids=ids, **kwargs), 2, device)
-        lora_fast.restore(peft_model)
-        peft_tokens = peft_model.generate(input_ids=ids, adapter_names=names, **kwargs)
-        peft_s = wall_seconds(
-            lambda: peft_model.generate(input_ids=ids, adapter_names=names, **kwargs), 2, device
-        )
-        lora_fast.accelerate(peft_model)
-        fast_tokens = peft_model.generate(input_ids=ids, adapter_names=names, **kwargs)
-        fast_s = wall_seconds(
-            lambda: peft_model.generate(input_ids=ids, adapter_names=names, **kwargs), 2, device
-        )
-    generated = sequences * new_tokens
-    row = {
-        "phase": "generate",
-        "adapters": L,
-        "sequences": sequences,
-        "tokens_per_sequence": new_tokens,
-        "base_us": base_s * 1e6,
-        "peft_us": peft_s * 1e6,
-        "lora_fast_us": fast_s * 1e6,
-        "peft_over_base": peft_s / base_s,
-        "lora_fast_over_base": fast_s / base_s,
-        "speedup_vs_peft": peft_s / fast_s,
-        "lora_fast_tokens_per_s": generated / fast_s,
-        "same_tokens_as_peft": bool(torch.equal(peft_tokens, fast_tokens)),
+
+    def generate(model, **extra):
+        def call():
+            out = model.generate(input_ids=ids, **extra, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return call
+
+    fns = {
+        "base": generate(base_model),
+        "peft": generate(peft_model, adapter_names=names),
+        "lora_fast": generate(fast_model, adapter_names=names),
     }
-    print(
-        f"generate L={L:3d} {sequences}x{new_tokens}: base {generated / base_s:8.1f} tok/s  "
-        f"PEFT {generated / peft_s:8.1f}  lora_fast {generated / fast_s:8.1f}"
-        f"  same tokens: {row['same_tokens_as_peft']}",
-        flush=True,
-    )
+    with torch.no_grad():
+        same = bool(torch.equal(fns["peft"](), fns["lora_fast"]()))
+        times = common.interleaved_median_us(fns, min_run_time=0.0, min_rounds=3)
+    tokens = sequences * new_tokens
+    row = row_of("generate", L, sequences, new_tokens, times, tokens, same_tokens_as_peft=same)
+    print_row(row)
+    print(f"  generated tokens equal to PEFT's: {same}", flush=True)
     return row
 
 

@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,25 @@ def median_us(fn: Callable[[], object], min_run_time: float) -> float:
         stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
     ).blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1e6
+
+
+def interleaved_median_us(
+    fns: dict[str, Callable[[], object]], min_run_time: float, min_rounds: int = 5
+) -> dict[str, float]:
+    """Median time of one call of each function in microseconds, measured in rounds that call
+    every function once, in turn, until each has run for ``min_run_time`` seconds (and at least
+    ``min_rounds`` times). On a shared machine whose speed drifts, the drift lands on every
+    function alike, so the ratios between them hold where back-to-back timings would not."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while True:
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        if len(times[name]) >= min_rounds and min(sum(t) for t in times.values()) >= min_run_time:
+            return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def gpu_median_us(fn: Callable[[], object], repetitions: int, graph: bool = True) -> float:

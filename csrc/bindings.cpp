@@ -37,20 +37,24 @@ namespace {
 // for in-place updates (version) or new storage (data pointer), without a Python attribute
 // read per tensor: after a model's big GEMMs those objects are cold in cache, and this loop lets
 // the CPU overlap the misses of independent tensors.
-std::vector<int64_t> changed_since(const std::vector<at::Tensor>& tensors, at::Tensor& stamps) {
+std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps) {
+  const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
   TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
-                        stamps.dim() == 2 && stamps.size(0) == static_cast<int64_t>(tensors.size()) &&
-                        stamps.size(1) == 2,
+                        stamps.dim() == 2 && stamps.size(0) == n && stamps.size(1) == 2,
                     "stamps must be a contiguous CPU int64 tensor of shape [len(tensors), 2]");
   int64_t* stamp = stamps.data_ptr<int64_t>();
   std::vector<int64_t> changed;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const int64_t version = static_cast<int64_t>(tensors[i]._version());
-    const int64_t address = reinterpret_cast<int64_t>(tensors[i].data_ptr());
+  for (int64_t i = 0; i < n; ++i) {
+    PyObject* object = PyList_GET_ITEM(tensors.ptr(), i);
+    TORCH_CHECK_TYPE(THPVariable_Check(object), "tensors[", i, "] is not a tensor");
+    // Read in place: no reference taken, so the loop writes to no tensor's cache line.
+    const at::Tensor& tensor = THPVariable_Unpack(object);
+    const int64_t version = static_cast<int64_t>(tensor._version());
+    const int64_t address = reinterpret_cast<int64_t>(tensor.data_ptr());
     if (stamp[2 * i] != version || stamp[2 * i + 1] != address) {
       stamp[2 * i] = version;
       stamp[2 * i + 1] = address;
-      changed.push_back(static_cast<int64_t>(i));
+      changed.push_back(i);
     }
   }
   return changed;

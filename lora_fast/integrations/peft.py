@@ -163,6 +163,7 @@ class _ModelState:
         self.known_layers: set[str] = set()
         self.current_names: list[str] | None = None
         self.slot_names: tuple[str, ...] = ()
+        self._config_key: object = None
         self._slot_of: dict[str, int] = {}
         self._batch_key: object = None
         self._batch: AdapterBatch | None = None
@@ -172,7 +173,15 @@ class _ModelState:
 
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
-        names = tuple(getattr(self.tuner, "peft_config", {}).keys())
+        config = getattr(self.tuner, "peft_config", {})
+        # Adding an adapter registers its modules (bumping the epoch), deleting one shrinks the
+        # config: only then are the names read again (a tuple of every name per layer call
+        # would make a model with many adapters pay for all of them).
+        key = (_registration_epoch[0], len(config))
+        if key == self._config_key:
+            return self._slot_of
+        self._config_key = key
+        names = tuple(config.keys())
         if names != self.slot_names:
             self.slot_names = names
             self._slot_of = {name: slot for slot, name in enumerate(names)}
@@ -249,7 +258,11 @@ class _LayerState:
     its transpose) so the kernels read every slot in place. A slot is refreshed when the adapter's
     weights change (PEFT parameter replaced or updated in place, or its scaling changed); only the
     adapters a call uses are checked, so a model with many loaded adapters pays for the few in
-    the batch.
+    the batch. The check per call is one compiled pass over those parameters' version counters
+    and data pointers; the parameters themselves are looked up again only after a parameter or
+    an adapter module was registered somewhere (``_registration_epoch``), which is how PEFT adds,
+    reloads or replaces adapters. Not seen: one parameter swapped into ``module._parameters``
+    directly, by hand, while this layer's first parameter stays (conversions swap them all).
     """
 
     def __init__(self, model_state: _ModelState) -> None:
@@ -268,7 +281,7 @@ class _LayerState:
         self._resolved: list[tuple[str, nn.Parameter, nn.Parameter]] = []
         self._resolved_tensors: list[nn.Parameter] = []
         self._resolved_stamps = torch.empty(0, 2, dtype=torch.int64)
-        self._scaling_seen: dict | None = None
+        self._scaling_seen: dict[str, float] | None = None
 
     def names_in_batch(self, batch_names: frozenset[str]) -> tuple[frozenset[str], bool]:
         """``(names, peft_path)``: the batch's adapters this layer has, and whether this call must
@@ -280,7 +293,8 @@ class _LayerState:
         return self._names
 
     def refresh(self, layer: nn.Module) -> None:
-        key = (tuple(layer._modules["lora_A"]._modules), tuple(layer.lora_variant))
+        # adapters added (their modules registered: a new epoch) or deleted (fewer of them)
+        key = (_registration_epoch[0], len(layer._modules["lora_A"]._modules), len(layer.lora_variant))
         if key == self._adapters_key:
             return
         self._adapters_key = key
@@ -330,9 +344,11 @@ class _LayerState:
         # parameters were updated in place or got new storage (one compiled call for all).
         scaling = layer.scaling
         extension = backends.extension()
-        if scaling != self._scaling_seen or extension is None:
+        # (name, scaling) pairs of these adapters as last seen, compared in one C-level subset test
+        seen = self._scaling_seen
+        if seen is None or not seen.items() <= scaling.items() or extension is None:
             suspects = self._resolved
-            self._scaling_seen = dict(scaling)
+            self._scaling_seen = {name: scaling[name] for name, _, _ in self._resolved}
             if extension is not None:
                 extension.changed_since(self._resolved_tensors, self._resolved_stamps)
         else:
