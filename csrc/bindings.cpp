@@ -32,28 +32,32 @@ TORCH_LIBRARY(lora_fast_C, m) {
 
 namespace {
 
-// For each tensor i: has its (version counter, data pointer) moved from stamps[i]? Returns the
-// indices that did and writes their new stamps. One call checks a whole list of parameters
-// for in-place updates (version) or new storage (data pointer), without a Python attribute
-// read per tensor: after a model's big GEMMs those objects are cold in cache, and this loop lets
-// the CPU overlap the misses of independent tensors.
-std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps) {
+// For each tensor i: has its (version counter, data pointer) moved from its stamp, row rows[i]
+// of stamps? Returns the indices i that did and writes their new stamps. One call checks a
+// whole list of parameters for in-place updates (version) or new storage (data pointer),
+// without a Python attribute read per tensor: after a model's big GEMMs those objects are cold
+// in cache, and this loop lets the CPU overlap the misses of independent tensors.
+std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps,
+                                   const std::vector<int64_t>& rows) {
   const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
   TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
-                        stamps.dim() == 2 && stamps.size(0) == n && stamps.size(1) == 2,
-                    "stamps must be a contiguous CPU int64 tensor of shape [len(tensors), 2]");
+                        stamps.dim() == 2 && stamps.size(1) == 2,
+                    "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(rows.size()) == n, "rows must name one stamp row per tensor");
   int64_t* stamp = stamps.data_ptr<int64_t>();
   std::vector<int64_t> changed;
   for (int64_t i = 0; i < n; ++i) {
     PyObject* object = PyList_GET_ITEM(tensors.ptr(), i);
     TORCH_CHECK_TYPE(THPVariable_Check(object), "tensors[", i, "] is not a tensor");
+    TORCH_CHECK_VALUE(rows[i] >= 0 && rows[i] < stamps.size(0), "rows[", i, "] is out of range");
     // Read in place: no reference taken, so the loop writes to no tensor's cache line.
     const at::Tensor& tensor = THPVariable_Unpack(object);
     const int64_t version = static_cast<int64_t>(tensor._version());
     const int64_t address = reinterpret_cast<int64_t>(tensor.data_ptr());
-    if (stamp[2 * i] != version || stamp[2 * i + 1] != address) {
-      stamp[2 * i] = version;
-      stamp[2 * i + 1] = address;
+    int64_t* row = stamp + 2 * rows[i];
+    if (row[0] != version || row[1] != address) {
+      row[0] = version;
+      row[1] = address;
       changed.push_back(i);
     }
   }
@@ -73,5 +77,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "True when the extension was built with its CUDA kernels");
   m.def("cpu_isa", &lora_fast::cpu::isa_name, "Instruction set the CPU kernels run with here");
   m.def("changed_since", &changed_since, "Indices of tensors whose (version, data pointer) left stamps",
-        pybind11::arg("tensors"), pybind11::arg("stamps"));
+        pybind11::arg("tensors"), pybind11::arg("stamps"), pybind11::arg("rows"));
 }

@@ -264,3 +264,24 @@ def test_each_kind_of_adapter_change_between_calls_reaches_the_output():
         tolerance = 1e-5 * float(expected.abs().max())
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=tolerance, msg=kind)
         before = expected
+
+
+def test_changes_made_while_an_adapter_sits_out_of_the_batch_reach_it_later():
+    # The cached stacks keep per-slot stamps across batches of different adapters: an adapter
+    # changed while other batches run must be refreshed when it comes back.
+    model = peft_model()
+    twin = copy.deepcopy(model)
+    lora_fast.accelerate(model)
+    ids = torch.randint(1, 97, (3, 5))
+    batches = [["a0", "a3"], ["a1", "a2"], ["a3", "__base__"], ["a0", "a1", "a3"]]
+    for step, names in enumerate(batches):
+        if step:  # change adapters of the batch two steps back: a0 then a1 then a3
+            name = ("a0", "a1", "a3")[step - 1]
+            for target in (model, twin):
+                layer = target.base_model.model.model.layers[0].self_attn.v_proj
+                with torch.no_grad():
+                    layer.lora_B[name].weight.mul_(-1.5)
+                if step == 2:
+                    layer.scaling[name] *= 3.0
+        rows = ids[: len(names)]
+        assert_same(logits(model, rows, adapter_names=names), logits(twin, rows, adapter_names=names))

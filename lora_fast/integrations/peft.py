@@ -276,12 +276,15 @@ class _LayerState:
         self._stamps: dict[str, tuple] = {}
         self._names_key: object = None
         self._names: tuple[frozenset[str], bool] = (frozenset(), False)
+        self._params: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        self._params_epoch = -1
         self._resolved_names: object = None
-        self._resolved_epoch = -1
         self._resolved: list[tuple[str, nn.Parameter, nn.Parameter]] = []
         self._resolved_tensors: list[nn.Parameter] = []
-        self._resolved_stamps = torch.empty(0, 2, dtype=torch.int64)
-        self._scaling_seen: dict[str, float] | None = None
+        self._resolved_rows: list[int] = []
+        self._version_table = torch.empty(0, 2, dtype=torch.int64)
+        self._scaling_seen: dict[str, float] = {}
+        self._scaling_subset: dict[str, float | None] = {}
 
     def names_in_batch(self, batch_names: frozenset[str]) -> tuple[frozenset[str], bool]:
         """``(names, peft_path)``: the batch's adapters this layer has, and whether this call must
@@ -304,13 +307,15 @@ class _LayerState:
         )
         self.dtypes = {name: layer.lora_A[name].weight.dtype for name in layer.lora_A}
         self.r_max = max((layer.lora_A[name].weight.shape[0] for name in layer.lora_A), default=0)
-        # deleted adapters: drop their stamps (which hold their parameters)
+        # deleted adapters: drop what is kept of them (stamps and kept pairs hold their parameters)
         self._stamps = {name: stamp for name, stamp in self._stamps.items() if name in layer.lora_A}
+        self._params = {name: pair for name, pair in self._params.items() if name in layer.lora_A}
 
     def inference_stacks(self, layer: nn.Module, slot_of: dict[str, int], names) -> tuple:
         """``(A, B, scales, ranks)`` with the slots of ``names`` up to date."""
         lora_A = layer._modules["lora_A"]._modules
-        first = lora_A[next(iter(names))]._parameters["weight"]
+        first_name = next(iter(names))
+        first = lora_A[first_name]._parameters["weight"]
         layout = (self.model_state.slot_names, self.r_max, first.dtype, first.device)
         if layout != self._layout_key:
             num_slots = len(slot_of)
@@ -318,44 +323,59 @@ class _LayerState:
             B_rank_major = first.new_zeros(num_slots, self.r_max, layer.out_features)
             scales = torch.zeros(num_slots, dtype=torch.float32, device=first.device)
             ranks = torch.zeros(num_slots, dtype=torch.int64, device=first.device)
+            # (version, data pointer) of each slot's A and B when last checked
+            self._version_table = torch.full((2 * num_slots, 2), -1, dtype=torch.int64)
             self._stacks = (A, B_rank_major, scales, ranks, B_rank_major.transpose(1, 2))
-            self._layout_key, self._stamps, self._resolved_names = layout, {}, None
+            self._layout_key, self._resolved_names = layout, None
+            self._stamps, self._params, self._scaling_seen = {}, {}, {}
         A, B_rank_major, scales, ranks, B = self._stacks
-        # Walking the modules to each parameter costs more than the rest of this call (those
-        # objects are cold in cache after the base GEMMs), so the parameters are looked up again
-        # only when the names change, a parameter or module was registered anywhere since (an
-        # adapter replaced or reloaded), or this layer's first parameter is not the one seen
-        # (parameters swapped without registration, e.g. by a conversion).
-        if (
-            self._resolved_epoch != _registration_epoch[0]
-            or (names is not self._resolved_names and names != self._resolved_names)
-            or self._resolved[0][1] is not first
-        ):
+        # Walking the modules to a parameter costs more than the rest of this call (those
+        # objects are cold in cache after the base GEMMs), so each adapter's parameters are kept
+        # here and walked to again only after a parameter or module was registered anywhere (an
+        # adapter replaced or reloaded), or when this layer's first parameter is not the one
+        # kept (parameters swapped without registration, e.g. by a conversion).
+        params = self._params
+        kept = params.get(first_name)
+        if self._params_epoch != _registration_epoch[0] or (kept is not None and kept[0] is not first):
+            params.clear()
+            self._version_table.fill_(-1)  # new parameter objects: check each one in full
+            self._params_epoch, self._resolved_names = _registration_epoch[0], None
+        if names is not self._resolved_names and names != self._resolved_names:
             lora_B = layer._modules["lora_B"]._modules
-            self._resolved = [
-                (name, lora_A[name]._parameters["weight"], lora_B[name]._parameters["weight"])
-                for name in names
-            ]
-            self._resolved_names, self._resolved_epoch = names, _registration_epoch[0]
-            self._resolved_tensors = [weight for _, a, b in self._resolved for weight in (a, b)]
-            self._resolved_stamps = torch.full((len(self._resolved_tensors), 2), -1, dtype=torch.int64)
-            self._scaling_seen = None
-        # Which adapters may have changed: all of them when the scalings did, else those whose
-        # parameters were updated in place or got new storage (one compiled call for all).
+            resolved = []
+            for name in names:
+                pair = params.get(name)
+                if pair is None:
+                    pair = params[name] = (
+                        lora_A[name]._parameters["weight"],
+                        lora_B[name]._parameters["weight"],
+                    )
+                resolved.append((name, *pair))
+            self._resolved, self._resolved_names = resolved, names
+            self._resolved_tensors = [weight for _, a, b in resolved for weight in (a, b)]
+            self._resolved_rows = [2 * slot_of[name] + k for name, _, _ in resolved for k in (0, 1)]
+            self._scaling_subset = {name: self._scaling_seen.get(name) for name, _, _ in resolved}
+        # Which adapters may have changed: those whose scaling moved (one C-level subset test of
+        # the (name, scaling) pairs last seen) or whose parameters were updated in place or got
+        # new storage (one compiled pass over their version counters and data pointers).
         scaling = layer.scaling
         extension = backends.extension()
-        # (name, scaling) pairs of these adapters as last seen, compared in one C-level subset test
-        seen = self._scaling_seen
-        if seen is None or not seen.items() <= scaling.items() or extension is None:
-            suspects = self._resolved
-            self._scaling_seen = {name: scaling[name] for name, _, _ in self._resolved}
-            if extension is not None:
-                extension.changed_since(self._resolved_tensors, self._resolved_stamps)
+        suspects = {}
+        if not self._scaling_subset.items() <= scaling.items():
+            for entry in self._resolved:
+                name = entry[0]
+                if scaling[name] != self._scaling_subset[name]:
+                    self._scaling_subset[name] = self._scaling_seen[name] = scaling[name]
+                    suspects[name] = entry
+        if extension is None:
+            suspects = {entry[0]: entry for entry in self._resolved}
         else:
-            moved = extension.changed_since(self._resolved_tensors, self._resolved_stamps)
-            suspects = [self._resolved[index // 2] for index in dict.fromkeys(moved)]
+            moved = extension.changed_since(self._resolved_tensors, self._version_table, self._resolved_rows)
+            for index in moved:
+                entry = self._resolved[index // 2]
+                suspects[entry[0]] = entry
         stamps = self._stamps
-        for name, a, b in suspects:
+        for name, a, b in suspects.values():
             # The stamp holds the parameters themselves, so a parameter replaced by another one
             # never matches (the old one cannot be freed and its address reused meanwhile).
             stamp = stamps.get(name)
