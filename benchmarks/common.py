@@ -37,13 +37,14 @@ def interleaved_median_us(
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    while True:
+    rounds = 0
+    while rounds < min_rounds or min(sum(t) for t in times.values()) < min_run_time:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-        if len(times[name]) >= min_rounds and min(sum(t) for t in times.values()) >= min_run_time:
-            return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+        rounds += 1
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def gpu_median_us(fn: Callable[[], object], repetitions: int, graph: bool = True) -> float:

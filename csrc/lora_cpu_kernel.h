@@ -166,42 +166,40 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
   }
 }
 
+// Calls f(std::integral_constant<int, M>{}) with M = m, for m in [1, LF_TOKENS_PER_TILE].
+template <typename F>
+inline void with_token_count(int m, F&& f) {
+  static_assert(LF_TOKENS_PER_TILE == 4, "with_token_count lists the counts 1 to 4");
+  switch (m) {
+    case 4: f(std::integral_constant<int, 4>{}); return;
+    case 3: f(std::integral_constant<int, 3>{}); return;
+    case 2: f(std::integral_constant<int, 2>{}); return;
+    default: f(std::integral_constant<int, 1>{}); return;
+  }
+}
+
 // t = A x for m <= LF_TOKENS_PER_TILE tokens, streamed or register-tiled by the slot's token count.
 template <typename acc_t>
 inline void shrink(bool stream, int m, const acc_t* const* x_rows, const acc_t* a, int64_t k, int64_t d,
                    acc_t* t, int64_t ldt) {
-  if (stream) {
-    switch (m) {
-      case 3: shrink_rows<acc_t, 3>(x_rows, a, k, d, t, ldt); return;
-      case 2: shrink_rows<acc_t, 2>(x_rows, a, k, d, t, ldt); return;
-      default: shrink_rows<acc_t, 1>(x_rows, a, k, d, t, ldt); return;
-    }
-  }
-  switch (m) {
-    case 4: shrink_tokens<acc_t, 4>(x_rows, a, k, d, t, ldt); return;
-    case 3: shrink_tokens<acc_t, 3>(x_rows, a, k, d, t, ldt); return;
-    case 2: shrink_tokens<acc_t, 2>(x_rows, a, k, d, t, ldt); return;
-    default: shrink_tokens<acc_t, 1>(x_rows, a, k, d, t, ldt); return;
-  }
+  with_token_count(m, [&](auto M) {
+    if (stream)
+      shrink_rows<acc_t, decltype(M)::value>(x_rows, a, k, d, t, ldt);
+    else
+      shrink_tokens<acc_t, decltype(M)::value>(x_rows, a, k, d, t, ldt);
+  });
 }
 
 // y += B t for m <= LF_TOKENS_PER_TILE tokens, streamed or register-tiled like shrink().
 template <typename acc_t>
 inline void expand(bool stream, int m, const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
                    acc_t* const* y_rows) {
-  if (stream) {
-    switch (m) {
-      case 3: expand_rows<acc_t, 3>(t, ldt, bt, k, d_out, y_rows); return;
-      case 2: expand_rows<acc_t, 2>(t, ldt, bt, k, d_out, y_rows); return;
-      default: expand_rows<acc_t, 1>(t, ldt, bt, k, d_out, y_rows); return;
-    }
-  }
-  switch (m) {
-    case 4: expand_tokens<acc_t, 4>(t, ldt, bt, k, d_out, y_rows); return;
-    case 3: expand_tokens<acc_t, 3>(t, ldt, bt, k, d_out, y_rows); return;
-    case 2: expand_tokens<acc_t, 2>(t, ldt, bt, k, d_out, y_rows); return;
-    default: expand_tokens<acc_t, 1>(t, ldt, bt, k, d_out, y_rows); return;
-  }
+  with_token_count(m, [&](auto M) {
+    if (stream)
+      expand_rows<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows);
+    else
+      expand_tokens<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows);
+  });
 }
 
 // Transposes the first k columns of a slot's [rows, r_max] block into dst [k][rows] (acc_t), in
