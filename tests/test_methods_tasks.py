@@ -15,6 +15,22 @@ def test_word_tasks_and_bad_names():
     assert not set(tasks.WORDS) & set(tasks.HELD_OUT_WORDS)
 
 
+def test_wide_word_split_is_disjoint_unique_and_extends_the_narrow_one():
+    train, held_out = tasks.WIDE_WORDS, tasks.WIDE_HELD_OUT_WORDS
+    assert not set(train) & set(held_out)
+    assert len(set(train)) == len(train) and len(set(held_out)) == len(held_out)
+    assert train[: len(tasks.WORDS)] == tasks.WORDS
+    assert held_out[: len(tasks.HELD_OUT_WORDS)] == tasks.HELD_OUT_WORDS
+    assert len(held_out) >= 4 * len(tasks.HELD_OUT_WORDS)
+    validation, validation_train = tasks.VALIDATION_WORDS, tasks.VALIDATION_TRAIN_WORDS
+    assert set(validation) | set(validation_train) <= set(train)
+    assert not set(validation) & set(validation_train)
+    # no word is another word plus "s": the plural task's answer must not be a training prompt
+    every = set(train) | set(held_out)
+    assert not [w for w in every if w.endswith("s") and w[:-1] in every]
+    assert all(w.isalpha() and w.islower() for w in every)
+
+
 def test_encode_labels_only_answers_and_accuracy_is_teacher_forced():
     codec = tasks.CharCodec()
     ids, labels, attention = tasks.encode(codec, [("ab", "AB"), ("abc", "c"), ("a", "b")])

@@ -158,3 +158,18 @@ def test_vision_model_gives_each_stage_its_task_batch():
     for i in range(3):
         assert_close(mixed[i], model.features(images[i : i + 1], slots[i : i + 1], 2)[0], torch.float32, 1.0)
     assert not torch.allclose(mixed[0], model.features(images[:1], torch.tensor([0]), 2)[0])
+
+
+def test_vision_placements_and_validation_split():
+    from lora_fast.methods import mtlora_vision
+
+    model = mtlora_vision.HierarchicalViT({"a": 2})
+    shared, every = mtlora_vision.PLACEMENT_EVERY_BLOCK.resolve(model)
+    _, last = mtlora_vision.PLACEMENT.resolve(model)
+    assert len(every) == 12 and set(last) < set(every) <= set(shared)
+    train_x, _, test_x, _ = mtlora_vision.load_digits(3)
+    fit_x, _, valid_x, valid_y = mtlora_vision.load_digits(3, validation=True)
+    assert len(fit_x) + len(valid_x) == len(train_x) and len(valid_x) == len(valid_y) > 0.15 * len(train_x)
+    # the training split cut in two: the test images stay unseen
+    assert torch.equal(fit_x, train_x[: len(fit_x)]) and torch.equal(valid_x, train_x[len(fit_x) :])
+    assert len(test_x) > 0.25 * (len(train_x) + len(test_x))

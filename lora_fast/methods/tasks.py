@@ -36,6 +36,40 @@ HELD_OUT_WORDS = (
     "magnet nectar oyster parrot quartz ribbon spider temple umbrella valley walnut wizard yogurt "
     "almond beaver cactus donkey eagle fossil glacier hornet igloo jelly kernel lobster mango napkin"
 ).split()
+# A wider split for experiments that compare methods by small differences in accuracy (MTLoRA's
+# delta_m): 40 held-out words make one word 2.5 points, so its relative scores swing by tens of
+# percent between seeds. Alternate words of MORE_WORDS (alphabetical) join each side.
+MORE_WORDS = (
+    "acorn album alley amber angel ankle apron arrow attic autumn avenue badge bagel ballet bamboo "
+    "banana bandit banner barrel basin beacon beard beetle bell bench berry bishop blanket blossom "
+    "boat bonnet border bottle boulder bowl bracket branch brick bubble bucket buffalo bundle burrow "
+    "cabin cable camel canal canoe canyon carpet carrot cattle cavern cellar cherry chimney circle "
+    "circus clock closet clover coach cobra coconut coffee comet compass cookie cottage cotton county "
+    "coyote crayon cricket crystal cupboard curtain cushion dagger daisy dancer diamond dinner doctor "
+    "dragonfly drawer drum duck dune eel elbow ember emerald farmer fence ferry fiddle finger flame "
+    "flute forge fountain frog galaxy garlic gate gazelle geyser giant ginger giraffe glove goat "
+    "gorilla grape gravel griddle gull hamster harp hatchet hawk hazel hedge heron hill hinge honey "
+    "hoof horizon horse hotel hunter husky icicle ink iris ivory jaguar jar jasmine jewel journal "
+    "judge kayak kennel kiwi knight knot label lagoon lake lamp laptop lava lawn leaf leopard letter "
+    "lettuce library lily linen lion llama locket magpie mammoth mantle maple market mask meteor "
+    "mitten monkey moose moth muffin museum mussel nail necklace nest nickel noodle nugget oak oasis "
+    "olive onion orchard orchid ostrich otter owl paddle palace panda panther paper parcel pasta "
+    "peach peanut pearl pebble pelican penguin pickle pigeon pine pirate pistol plank plum pocket "
+    "poem pony poppy potato pottery prairie prism pumpkin puppet python quill quilt raccoon radish "
+    "rain raven reef rhino ring robin rope rose ruby salmon sandal satchel scarf scooter sea seal "
+    "seed shadow shark shell shovel shrimp signal singer skate skull sled slipper snail socket sofa "
+    "soldier sparrow spinach sponge spoon squid stable statue storm straw stream sugar summit swan "
+    "sword table tablet tailor teapot tent thimble thistle thorn throne ticket timber toad toast "
+    "token torch tower tractor trail trumpet tulip tunnel turkey turtle twig valve vase vessel "
+    "village vine volcano waffle wallet walrus wand wheat wheel whistle willow wolf wool yacht yarn "
+    "zipper"
+).split()
+WIDE_WORDS = WORDS + MORE_WORDS[0::2]
+WIDE_HELD_OUT_WORDS = HELD_OUT_WORDS + MORE_WORDS[1::2]
+# For choosing a recipe without looking at the held-out words: half of the wide training words
+# added by MORE_WORDS serve as validation words, the rest (VALIDATION_TRAIN_WORDS) for training.
+VALIDATION_WORDS = MORE_WORDS[0::4]
+VALIDATION_TRAIN_WORDS = WORDS + MORE_WORDS[2::4]
 
 
 @dataclass(frozen=True)
@@ -279,12 +313,13 @@ def train_mixed(
     weight_decay: float = 0.0,
     instructed: bool = False,
     after_step: Callable[[int], None] | None = None,
+    words: Sequence[str] = WORDS,
 ) -> list[float]:
-    """AdamW on ``params``: every step one batch mixing ``per_task`` examples of every task, each
-    sequence routed to its task's slot; ``after_step(step)`` runs after each optimizer step (e.g.
-    to keep checkpoints). Returns the loss per step. Dropout draws from torch's generator seeded
-    with ``seed`` inside (the caller's generator state is restored), so a run does not depend on
-    what ran before it."""
+    """AdamW on ``params``: every step one batch mixing ``per_task`` examples of every task (on
+    words drawn from ``words``), each sequence routed to its task's slot; ``after_step(step)``
+    runs after each optimizer step (e.g. to keep checkpoints). Returns the loss per step.
+    Dropout draws from torch's generator seeded with ``seed`` inside (the caller's generator
+    state is restored), so a run does not depend on what ran before it."""
     params = list(params)
     with seeded(seed, params):
         rng = random.Random(seed)
@@ -295,7 +330,7 @@ def train_mixed(
         for step in progress:
             pairs, seq_slots = [], []
             for task, slot in zip(tasks, slots, strict=True):
-                pairs += examples(task, per_task, rng, instructed=instructed)
+                pairs += examples(task, per_task, rng, words, instructed)
                 seq_slots += [slot] * per_task
             ids, labels, attention = encode(codec, pairs)
             batch = AdapterBatch(seq_slots, num_slots, seq_len=ids.shape[1])
