@@ -53,15 +53,11 @@ VARIANTS = ("single", "shared", "full", "mtlora")
 
 
 def _train_words(args) -> list[str]:
-    if args.words == "validation":
-        return task_data.VALIDATION_TRAIN_WORDS
-    return task_data.WIDE_WORDS if args.words == "wide" else task_data.WORDS
+    return task_data.WORD_SPLITS[args.words][0]
 
 
 def _held_out_words(args) -> list[str]:
-    if args.words == "validation":
-        return task_data.VALIDATION_WORDS
-    return task_data.WIDE_HELD_OUT_WORDS if args.words == "wide" else task_data.HELD_OUT_WORDS
+    return task_data.WORD_SPLITS[args.words][1]
 
 
 def _train_and_score(model, codec, family, params, slots, num_slots, args, lr, label) -> tuple[dict, float]:
@@ -310,8 +306,8 @@ def markdown(result: dict) -> str:
     lines.append("")
     if {"full fine-tuning", "single-task LoRA"} <= set(variants):
         full = variants["full fine-tuning"]
-        modes = [headline] + [n for n in variants if n.startswith("MTLoRA (") and n != headline]
-        for name in (n for n in modes if n in variants):
+        mtlora_rows = [n for n in variants if n.startswith("MTLoRA (")]
+        for name in sorted(mtlora_rows, key=lambda n: n != headline):  # the headline first
             multi = variants[name]
             fewer = full["trainable_parameters"] / multi["trainable_parameters"]
             lines.append(
@@ -340,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument(
         "--words",
-        choices=("wide", "narrow", "validation"),
+        choices=tuple(task_data.WORD_SPLITS),
         default="wide",
         help="word split: wide (212 training / 199 held-out words), narrow (52 / 40, the other methods'), "
         "or validation (132 / 80, both from the wide training words: for choosing a recipe)",

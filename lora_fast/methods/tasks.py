@@ -70,6 +70,12 @@ WIDE_HELD_OUT_WORDS = HELD_OUT_WORDS + MORE_WORDS[1::2]
 # added by MORE_WORDS serve as validation words, the rest (VALIDATION_TRAIN_WORDS) for training.
 VALIDATION_WORDS = MORE_WORDS[0::4]
 VALIDATION_TRAIN_WORDS = WORDS + MORE_WORDS[2::4]
+# name -> (training words, scored words)
+WORD_SPLITS = {
+    "wide": (WIDE_WORDS, WIDE_HELD_OUT_WORDS),
+    "narrow": (WORDS, HELD_OUT_WORDS),
+    "validation": (VALIDATION_TRAIN_WORDS, VALIDATION_WORDS),
+}
 
 
 @dataclass(frozen=True)
