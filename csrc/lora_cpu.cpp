@@ -29,12 +29,14 @@ namespace cpu {
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,fma")
 namespace avx512 {
 #define LF_VEC_BYTES 64
+#define LF_LINEAR_TN 8
 #define LF_SHRINK_TN 4
 #define LF_EXPAND_NV 4
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
 #undef LF_EXPAND_NV
+#undef LF_LINEAR_TN
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -42,24 +44,28 @@ namespace avx512 {
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #define LF_VEC_BYTES 32
+#define LF_LINEAR_TN 4
 #define LF_SHRINK_TN 2
 #define LF_EXPAND_NV 2
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
 #undef LF_EXPAND_NV
+#undef LF_LINEAR_TN
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 
 namespace baseline {
 #define LF_VEC_BYTES 16
+#define LF_LINEAR_TN 4
 #define LF_SHRINK_TN 2
 #define LF_EXPAND_NV 2
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
 #undef LF_EXPAND_NV
+#undef LF_LINEAR_TN
 }  // namespace baseline
 
 namespace {
@@ -434,11 +440,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   return {dx, dA, dB};
 }
 
+// y = x W^T + bias + the LoRA delta, for few tokens on one thread (see run_fused_linear).
+at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, const std::optional<at::Tensor>& bias_in,
+                             const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& token_order,
+                             const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                             const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && W_in.dim() == 2 && W_in.size(1) == x_in.size(1),
+                    "fused_lora_linear expects x [T, d_in] and W [d_out, d_in]");
+  TORCH_CHECK_VALUE(A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
+                        B_in.size(1) == W_in.size(0) && B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
+                    "fused_lora_linear expects A [S, r_max, d_in] and B [S, d_out, r_max]");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "fused_lora_linear runs float32 and float64, got ",
+                   dtype);
+  TORCH_CHECK_TYPE(W_in.scalar_type() == dtype && A_in.scalar_type() == dtype && B_in.scalar_type() == dtype,
+                   "x, W, A and B must share a dtype");
+  const int64_t d_out = W_in.size(0);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    TORCH_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == d_out, "bias must be [d_out] = [", d_out, "]");
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == dtype, "bias must share x's dtype");
+    bias = bias_in->contiguous();
+  }
+  const at::Tensor x = row_major(x_in);
+  const at::Tensor W = W_in.contiguous();
+  const at::Tensor A = A_in.contiguous();
+  const auto b_and_layout = b_layout(B_in);
+  const at::Tensor& B = b_and_layout.first;
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
+  Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  at::Tensor y = at::empty({T, d_out}, x.options());
+  if (T == 0 || d_out == 0) return y;
+  const Isa isa = pick_isa();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fused_lora_linear_cpu", [&] {
+    Problem<scalar_t, scalar_t> p;
+    p.x = x.const_data_ptr<scalar_t>();
+    p.x_row_stride = x.stride(0);
+    p.A = A.const_data_ptr<scalar_t>();
+    p.B = B.const_data_ptr<scalar_t>();
+    p.b_rank_major = b_and_layout.second;
+    p.scales = scales.const_data_ptr<float>();
+    p.ranks = meta.ranks.data();
+    p.token_order = meta.token_order.const_data_ptr<int64_t>();
+    p.out = y.mutable_data_ptr<scalar_t>();
+    p.out_row_stride = y.stride(0);
+    p.r_max = r_max;
+    p.d_in = x.size(1);
+    p.d_out = d_out;
+    const scalar_t* w = W.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const WorkItem* items = meta.items.data();
+    const int64_t n = static_cast<int64_t>(meta.items.size());
+    switch (isa) {
+#ifdef LF_HAVE_X86_VARIANTS
+      case Isa::kAvx512:
+        avx512::run_fused_linear<scalar_t>(p, T, w, b, items, n);
+        break;
+      case Isa::kAvx2:
+        avx2::run_fused_linear<scalar_t>(p, T, w, b, items, n);
+        break;
+#endif
+      default:
+        baseline::run_fused_linear<scalar_t>(p, T, w, b, items, n);
+    }
+  });
+  return y;
+}
+
 TORCH_LIBRARY_IMPL(lora_fast_C, CPU, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_expand_", &lora_expand_);
   m.impl("lora_delta_", &lora_delta_);
   m.impl("lora_delta_backward", &lora_delta_backward);
+  m.impl("fused_lora_linear", &fused_lora_linear);
 }
 
 }  // namespace cpu

@@ -437,3 +437,97 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
       }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// fused_lora_linear for few tokens: y = x W^T + bias + the LoRA delta in one call on one thread.
+// At decode sizes a GEMM library spends much of its time on packing and edge handling; these
+// register tiles read W in place, two tokens at a time, prefetching the next tile's W rows, and
+// the LoRA delta then adds into the y rows while they are still in cache.
+
+// Sum of the lanes of a vector, by halving (a few shuffles, not a lane-by-lane loop).
+template <typename acc_t, int Bytes>
+struct LaneSum {
+  typedef acc_t vec __attribute__((vector_size(Bytes)));
+  static inline acc_t sum(vec v) {
+    if constexpr (Bytes == 2 * static_cast<int>(sizeof(acc_t))) {
+      return v[0] + v[1];
+    } else {
+      typedef acc_t half __attribute__((vector_size(Bytes / 2)));
+      half lo, hi;
+      __builtin_memcpy(&lo, &v, Bytes / 2);
+      __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+      return LaneSum<acc_t, Bytes / 2>::sum(lo + hi);
+    }
+  }
+};
+
+// y_rows[i][j] = bias[j] + dot(x_rows[i], w[j * K : (j + 1) * K]) for i < M tokens, j < TN
+// weight rows (bias may be null). With next_w set, also prefetches the same columns of the next
+// TN rows: the next tile's W arrives while this one computes.
+template <typename acc_t, int M, int TN>
+inline void linear_tile(const acc_t* const* x_rows, const acc_t* w, int64_t K, const acc_t* bias,
+                        acc_t* const* y_rows, const acc_t* next_w) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  V acc[M][TN];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = V{};
+  int64_t c = 0;
+  for (; c + S::lanes <= K; c += S::lanes) {
+    V wv[TN];
+    for (int j = 0; j < TN; ++j) wv[j] = S::load(w + j * K + c);
+    if (next_w != nullptr)
+      for (int j = 0; j < TN; ++j) __builtin_prefetch(next_w + j * K + c, 0, 3);
+    for (int i = 0; i < M; ++i) {
+      const V xv = S::load(x_rows[i] + c);
+      for (int j = 0; j < TN; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < TN; ++j) {
+      acc_t s = LaneSum<acc_t, LF_VEC_BYTES>::sum(acc[i][j]);
+      for (int64_t cc = c; cc < K; ++cc) s += x_rows[i][cc] * w[j * K + cc];
+      y_rows[i][j] = bias != nullptr ? bias[j] + s : s;
+    }
+}
+
+// y [T, d_out] (p.out, rows p.out_row_stride apart) = x W^T + bias, then the LoRA delta of
+// `items` added into it. W is [d_out, d_in] contiguous, bias [d_out] or null; acc_t inputs.
+template <typename acc_t>
+void run_fused_linear(const Problem<acc_t, acc_t>& p, int64_t num_tokens, const acc_t* W, const acc_t* bias,
+                      const WorkItem* items, int64_t num_items) {
+  constexpr int TM = LF_LINEAR_TM;
+  constexpr int TN = LF_LINEAR_TN;
+  static_assert(TM == 2, "the token tail below is a single token");
+  const int64_t K = p.d_in, N = p.d_out;
+  // Blocks of TN weight rows (the tail rows one by one), tokens TM at a time inside each block,
+  // so a block's rows stay in L1 for every token.
+  for (int64_t n = 0; n < N;) {
+    const int tn = n + TN <= N ? TN : 1;
+    const acc_t* w = W + n * K;
+    const acc_t* b = bias != nullptr ? bias + n : nullptr;
+    const acc_t* next_w = tn == TN && n + 2 * TN <= N ? w + TN * K : nullptr;
+    for (int64_t i0 = 0; i0 < num_tokens; i0 += TM) {
+      const int m = static_cast<int>(std::min<int64_t>(TM, num_tokens - i0));
+      const acc_t* x_rows[TM] = {};
+      acc_t* y_rows[TM] = {};
+      for (int i = 0; i < m; ++i) {
+        x_rows[i] = p.x + (i0 + i) * p.x_row_stride;
+        y_rows[i] = p.out + (i0 + i) * p.out_row_stride + n;
+      }
+      const acc_t* pf = i0 == 0 ? next_w : nullptr;
+      if (tn == TN) {
+        if (m == TM)
+          linear_tile<acc_t, TM, TN>(x_rows, w, K, b, y_rows, pf);
+        else
+          linear_tile<acc_t, 1, TN>(x_rows, w, K, b, y_rows, pf);
+      } else if (m == TM) {
+        linear_tile<acc_t, TM, 1>(x_rows, w, K, b, y_rows, nullptr);
+      } else {
+        linear_tile<acc_t, 1, 1>(x_rows, w, K, b, y_rows, nullptr);
+      }
+    }
+    n += tn;
+  }
+  run_items<acc_t, acc_t, Mode::kDelta>(p, items, num_items);
+}

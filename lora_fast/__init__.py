@@ -6,7 +6,7 @@ from .backends import use_backend
 from .batch import NO_ADAPTER, AdapterBatch
 from .integrations.peft import AccelerationReport, accelerate, restore
 from .layers import MultiLoRALinear, adapter_batch, inject_adapters
-from .ops import lora_delta, lora_expand, lora_shrink
+from .ops import fused_lora_linear, lora_delta, lora_expand, lora_shrink
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "adapter_batch",
     "inject_adapters",
     "backends",
+    "fused_lora_linear",
     "lora_delta",
     "lora_expand",
     "lora_shrink",

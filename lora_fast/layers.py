@@ -16,11 +16,27 @@ from torch import nn
 
 from .adapters import AdapterStack, AdapterStacks
 from .batch import AdapterBatch
-from .ops import lora_delta
+from .ops import fused_lora_linear, lora_delta
 
 _current_batch: contextvars.ContextVar[AdapterBatch | None] = contextvars.ContextVar(
     "lora_fast_batch", default=None
 )
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """True when ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: an
+    ``nn.Linear`` itself (no subclass) with no forward hooks, so its GEMM may run fused with a
+    LoRA delta (``fused_lora_linear``) without changing what the model computes."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not _GLOBAL_HOOKS[0]
+        and not _GLOBAL_HOOKS[1]
+    )
+
+
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 
 @contextlib.contextmanager
@@ -122,9 +138,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
         batch = batch if batch is not None else current_batch()
-        y = self.base(x)
         if batch is None or batch.all_none:
-            return y
+            return self.base(x)
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] != batch.num_tokens:
             raise ValueError(
@@ -136,6 +151,17 @@ class MultiLoRALinear(nn.Module):
             lora_input = F.dropout(lora_input, self.dropout, training=True)
         grad_slots = self.grad_slots if len(self.lora_A) else None
         scales, ranks = self.stack.scales, self.stack.ranks
+        if (
+            grad_slots is None
+            and lora_input is rows
+            and plain_linear(self.base)
+            and self.base.weight.dtype == A.dtype
+        ):
+            y = fused_lora_linear(
+                rows, self.base.weight, self.base.bias, A, B, batch, scales, ranks, check_args=False
+            )
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = self.base(x)
         if y.dtype == A.dtype:  # add into the base output (autograd-aware inside lora_delta)
             out = y.view(-1, y.shape[-1])
             lora_delta(

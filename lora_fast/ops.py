@@ -21,6 +21,11 @@ from .reference import accumulation_dtype
 # Backends with backward kernels; the cuda backend's gradients run on the next of these.
 BACKWARD_BACKENDS = ("torch", "cpu", "triton")
 
+# fused_lora_linear runs its one-call C++ kernel up to this many tokens (CPU, one thread); the
+# kernel's register tiles beat the BLAS library's GEMM up to 32 tokens on a 1-thread AMD EPYC
+# sweep of SmolLM2's projections and tie it at 64 (see the kernel's notes in csrc/).
+FUSED_MAX_TOKENS = 32
+
 Tensor = torch.Tensor
 
 
@@ -287,16 +292,24 @@ def _eager_direct(*tensors: Tensor) -> bool:
     """True when the op can skip the dispatcher and call its backend directly.
 
     Going through ``torch.ops`` costs ~40 us of Python dispatch per call, more than a decode-sized
-    kernel. Plain eager calls with no autograd, no tracing and no dispatch mode are identical
-    either way, so they take the short path; everything else goes through the custom op.
+    kernel. Plain eager calls (tensors or nn.Parameters) with no autograd, no tracing and no
+    dispatch mode are identical either way, so they take the short path; everything else goes
+    through the custom op.
     """
     if torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
     grad_enabled = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs once per layer call
-        if type(t) is not torch.Tensor or t.is_meta or (grad_enabled and t.requires_grad):
+        if (
+            (type(t) is not torch.Tensor and type(t) is not _PARAMETER)
+            or t.is_meta
+            or (grad_enabled and t.requires_grad)
+        ):
             return False
     return True
+
+
+_PARAMETER = torch.nn.Parameter  # a plain tensor to the kernels (no torch-function override)
 
 
 def _dispatch_mode_active() -> bool:
@@ -408,6 +421,57 @@ def lora_delta(
     op = _delta_impl if _eager_direct(x, A, B, out) else torch.ops.lora_fast.lora_delta_
     op(x, A, B, *batch.metadata, scales, ranks, out)
     return out
+
+
+def fused_lora_linear(
+    x: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    batch: AdapterBatch,
+    scales: Tensor,
+    ranks: Tensor | None = None,
+    check_args: bool = True,
+) -> Tensor:
+    """A base linear layer and its adapters in one call: ``x @ W^T + bias + lora_delta(x, ...)``.
+
+    ``x [T, d_in]``, ``W [d_out, d_in]``, ``bias [d_out]`` or None (x's dtype); ``A``, ``B``,
+    ``batch``, ``scales`` and ``ranks`` as in :func:`lora_delta`. Returns a new ``[T, d_out]``.
+
+    On the CPU, for float32/float64 batches of at most ``FUSED_MAX_TOKENS`` tokens with one torch
+    thread and no autograd, one C++ kernel computes the base GEMM in register tiles (faster than
+    the BLAS library at decode sizes) and adds the LoRA delta into the still-cached output rows.
+    Everywhere else this is ``F.linear`` followed by ``lora_delta`` added into its output, which
+    is differentiable w.r.t. every tensor argument.
+    """
+    if check_args:
+        _check_delta_args(x, A, B, batch, scales, ranks, None, None)
+        _check_linear_args(x, W, bias, B, batch)
+    if (
+        x.shape[0] <= FUSED_MAX_TOKENS
+        and x.device.type == "cpu"
+        and (x.dtype == torch.float32 or x.dtype == torch.float64)
+        and torch.get_num_threads() == 1
+        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
+        and select(x.device, x.dtype) == "cpu"
+    ):
+        return _compiled().fused_lora_linear(x, W, bias, A, B, *batch.metadata[1:], scales, _int64(ranks))
+    out = torch.nn.functional.linear(x, W, bias)
+    return lora_delta(x, A, B, batch, scales, ranks, out=out, check_args=False)
+
+
+def _check_linear_args(x: Tensor, W: object, bias: object, B: Tensor, batch: AdapterBatch) -> None:
+    """W and bias of fused_lora_linear, once x, A, B and the batch have passed their checks."""
+    W = check.float_tensor(W, "W", 2)
+    check.dim_size(W, "W", 1, x.shape[1], "d_in of x")
+    check.dim_size(W, "W", 0, B.shape[1], "d_out of B")
+    check.same_dtype(W, "W", x.dtype, "x")
+    if bias is not None:
+        bias = check.float_tensor(bias, "bias", 1)
+        check.dim_size(bias, "bias", 0, W.shape[0], "d_out of W")
+        check.same_dtype(bias, "bias", x.dtype, "x")
+    check.same_device(batch.device, {"W": W, "bias": bias})
 
 
 def _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots) -> None:

@@ -89,6 +89,26 @@ def lora_delta(
     return lora_expand(t, B, batch, scales, out, ranks)
 
 
+def fused_lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    batch: AdapterBatch,
+    scales: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A base linear layer with the LoRA delta: ``x @ W^T + bias + lora_delta(x, ...)``.
+
+    ``W [d_out, d_in]``, ``bias [d_out]`` or None. Accumulated in the accumulation dtype and
+    rounded to x's dtype once.
+    """
+    acc = accumulation_dtype(x.dtype)
+    y = torch.nn.functional.linear(x.to(acc), W.to(acc), None if bias is None else bias.to(acc))
+    return lora_delta(x, A, B, batch, scales, ranks, out=y).to(x.dtype)
+
+
 def lora_delta_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

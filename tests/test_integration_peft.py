@@ -71,6 +71,38 @@ def test_mixed_batches_match_peft():
         lora_fast.accelerate(model)
 
 
+def test_decode_batches_on_one_thread_run_the_fused_kernel_and_match_peft(monkeypatch):
+    """One torch thread, a few tokens: the base GEMM and the delta run as one fused_lora_linear
+    kernel call per projection (lm_head too), with PEFT's results."""
+    model = peft_model()
+    names = ["a0", "a1", "__base__", "a3", "a2", "a1"]
+    calls = []
+    compiled = lora_fast.ops._compiled
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(compiled(), name)
+            if name != "fused_lora_linear":
+                return op
+            return lambda *args: calls.append(args[0].shape) or op(*args)
+
+    monkeypatch.setattr(lora_fast.ops, "_compiled", Counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for length in (1, 3):  # decode-like and a short prefill, both within FUSED_MAX_TOKENS
+            ids = torch.randint(1, 97, (6, length))
+            expected = logits(model, ids, adapter_names=names)
+            fast = lora_fast.accelerate(copy.deepcopy(model))
+            with lora_fast.use_backend("cpu"):
+                calls.clear()
+                got = logits(fast, ids, adapter_names=names)
+            assert len(calls) == 2 * 7 + 1, calls
+            assert_same(got, expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_as_close_to_float32_as_peft_is(dtype):
     """Two bf16 pipelines round differently; each must sit as close to the float32 result as PEFT."""

@@ -28,7 +28,8 @@ from torch import nn
 
 from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
-from ..ops import lora_delta
+from ..layers import plain_linear
+from ..ops import fused_lora_linear, lora_delta
 
 BASE_ADAPTER_NAME = "__base__"
 
@@ -454,15 +455,23 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         return _peft_forward(self, x, adapter_names, args, kwargs)
     if self.training and any(getattr(self.lora_dropout[n], "p", 0.0) > 0 for n in names_here):
         return _peft_forward(self, x, adapter_names, args, kwargs)  # per-adapter dropout masks
-    result = self.base_layer(x, *args, **kwargs)
     if not names_here:
-        return result
+        return self.base_layer(x, *args, **kwargs)
     slot_of = model_state.slot_of()
     if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here):
         A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_of)
-    else:
-        (A, B, scales, ranks), grad_slots = layer_state.inference_stacks(self, slot_of, names_here), None
-    return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots)
+        result = self.base_layer(x, *args, **kwargs)
+        return _add_delta(
+            result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
+        )
+    A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
+    base = self.base_layer
+    if not args and not kwargs and plain_linear(base) and rows.dtype == A.dtype == base.weight.dtype:
+        # the base GEMM and the delta in one call (one kernel for decode-sized CPU batches)
+        y = fused_lora_linear(rows, base.weight, base.bias, A, B, batch, scales, ranks, check_args=False)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    result = base(x, *args, **kwargs)
+    return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, None)
 
 
 def _peft_forward(layer, x, adapter_names, args, kwargs):

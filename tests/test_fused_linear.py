@@ -1,0 +1,168 @@
+"""fused_lora_linear: the one-call C++ kernel and the composed path against the reference."""
+
+import pytest
+import torch
+
+import lora_fast
+from lora_fast import ops, reference
+
+from .helpers import assert_close, random_case
+
+ISAS = ["avx512", "avx2", "baseline"]
+SHAPES = [
+    # T, S, d_in, d_out, r_max: no tokens, odd widths and token counts, a rank above the
+    # 64-column pass, the largest token count the kernel takes, an output narrower than a tile
+    (0, 2, 5, 4, 3),
+    (1, 1, 7, 5, 3),
+    (2, 3, 40, 33, 8),
+    (9, 4, 97, 161, 80),
+    (ops.FUSED_MAX_TOKENS, 5, 64, 19, 16),
+    (5, 2, 3, 1, 2),
+]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def linear_case(shape, dtype, bias=True, rank_major=False):
+    T, S, d_in, d_out, r_max = shape
+    c = random_case(T, S, d_in, d_out, r_max, dtype=dtype, none_fraction=0.25)
+    c["W"] = torch.randn(d_out, d_in, dtype=torch.float64).div(d_in**0.5).to(dtype)
+    c["bias"] = torch.randn(d_out, dtype=torch.float64).to(dtype) if bias else None
+    if rank_major:  # the stacked layout lora_fast.accelerate keeps
+        c["B"] = c["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    return c
+
+
+def call(c, fn=lora_fast.fused_lora_linear):
+    return fn(c["x"], c["W"], c["bias"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"])
+
+
+def expected(c):
+    d = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v)
+        for k, v in c.items()
+    }
+    return call(d, reference.fused_lora_linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
+def test_kernel_matches_reference(isa, one_thread, dtype, shape, bias, rank_major):
+    c = linear_case(shape, dtype, bias, rank_major)
+    ids = c["ids"].clone()
+    got = torch.ops.lora_fast_C.fused_lora_linear(
+        c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"]
+    )
+    assert got.dtype == dtype
+    assert_close(got, expected(c), dtype)
+    with lora_fast.use_backend("cpu"):  # the public op takes the kernel on this shape
+        assert torch.equal(call(c), got)
+    assert torch.equal(c["ids"], ids)
+
+
+def test_no_adapter_tokens_get_exactly_the_base_layer(one_thread):
+    c = linear_case((7, 3, 50, 21, 8), torch.float64)
+    c["batch"] = lora_fast.AdapterBatch(torch.full((7,), -1), 3)
+    with lora_fast.use_backend("cpu"):
+        got = call(c)
+    assert_close(got, torch.nn.functional.linear(c["x"], c["W"], c["bias"]), torch.float64)
+
+
+@pytest.mark.parametrize(
+    "when",
+    ["grad", "two_threads", "many_tokens", "bfloat16", "torch_backend"],
+)
+def test_every_other_case_composes_linear_and_delta(when, one_thread):
+    shape = (ops.FUSED_MAX_TOKENS + 3 if when == "many_tokens" else 6, 3, 24, 17, 4)
+    dtype = torch.bfloat16 if when == "bfloat16" else torch.float64
+    c = linear_case(shape, dtype)
+    if when == "grad":
+        c["x"].requires_grad_(True)
+        c["W"].requires_grad_(True)
+    if when == "two_threads":
+        torch.set_num_threads(2)
+    backend = "torch" if when == "torch_backend" else "cpu"
+    with lora_fast.use_backend(backend):
+        got = call(c)
+    assert_close(got, expected(c), dtype)
+    if when == "grad":
+        got.sum().backward()
+        ones = torch.ones_like(got)
+        assert_close(c["W"].grad, ones.T @ c["x"].detach(), torch.float64)
+        assert c["x"].grad is not None and torch.isfinite(c["x"].grad).all()
+
+
+def test_gradcheck_through_the_composed_path():
+    c = linear_case((5, 3, 6, 4, 3), torch.float64)
+    inputs = [c[k].requires_grad_(True) for k in ("x", "W", "bias", "A", "B")]
+
+    def f(x, W, bias, A, B):
+        return lora_fast.fused_lora_linear(x, W, bias, A, B, c["batch"], c["scales"], c["ranks"])
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize(
+    "name, value, error, message",
+    [
+        ("W", torch.randn(5, 9), ValueError, r"W.shape\[1\] must be d_in of x"),
+        ("W", torch.randn(6, 8), ValueError, r"W.shape\[0\] must be d_out of B"),
+        ("W", torch.randn(5, 8, dtype=torch.float64), TypeError, "W has dtype torch.float64 but x has"),
+        ("W", torch.randn(40), ValueError, "W must be 2-D"),
+        ("bias", torch.randn(6), ValueError, r"bias.shape\[0\] must be d_out of W"),
+        ("bias", torch.randn(5).half(), TypeError, "bias has dtype torch.float16 but x has"),
+        ("bias", [0.0] * 5, TypeError, "bias must be a torch.Tensor"),
+        ("x", torch.randn(6, 9), ValueError, r"A.shape\[2\] must be d_in of x"),
+    ],
+)
+def test_bad_arguments_name_the_argument(name, value, error, message):
+    args = {
+        "x": torch.randn(6, 8),
+        "W": torch.randn(5, 8),
+        "bias": torch.randn(5),
+        "A": torch.randn(3, 4, 8),
+        "B": torch.randn(3, 5, 4),
+        "batch": lora_fast.AdapterBatch(torch.tensor([0, 1, -1, 2, 0, 1]), 3),
+        "scales": torch.ones(3),
+    }
+    args[name] = value
+    with pytest.raises(error, match=message):
+        lora_fast.fused_lora_linear(**args)
+
+
+def test_multilora_linear_inference_takes_the_fused_kernel(one_thread, monkeypatch):
+    torch.manual_seed(0)
+    stack = lora_fast.AdapterStack(3, 20, 13, max_rank=6)
+    for slot in range(3):
+        stack.set_slot(slot, torch.randn(6 - slot, 20), torch.randn(13, 6 - slot), scale=0.5 + slot)
+    layer = lora_fast.MultiLoRALinear(torch.nn.Linear(20, 13), stack)
+    x = torch.randn(2, 4, 20)
+    batch = lora_fast.AdapterBatch(torch.tensor([[2, -1, 0, 1], [1, 1, -1, 0]]), 3)
+    with torch.no_grad(), lora_fast.use_backend("cpu"):
+        expected = layer.base(x) + lora_fast.lora_delta(
+            x.reshape(8, 20), stack.A, stack.B, batch, stack.scales, stack.ranks
+        ).view(2, 4, 13)
+        fused = ops._compiled().fused_lora_linear
+        calls = []
+        monkeypatch.setattr(
+            ops,
+            "_compiled",
+            lambda: type("C", (), {"fused_lora_linear": lambda *a: calls.append(1) or fused(*a)}),
+        )
+        got = layer(x, batch)
+    assert calls == [1]
+    assert_close(got, expected, torch.float32)
