@@ -440,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   return {dx, dA, dB};
 }
 
-// y = x W^T + bias + the LoRA delta, for few tokens on one thread (see run_fused_linear).
+// y = x W^T + bias + the LoRA delta, for few tokens (see run_linear_rows).
 at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, const std::optional<at::Tensor>& bias_in,
                              const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& token_order,
                              const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
@@ -491,20 +491,25 @@ at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, con
     p.d_out = d_out;
     const scalar_t* w = W.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const WorkItem* items = meta.items.data();
-    const int64_t n = static_cast<int64_t>(meta.items.size());
-    switch (isa) {
+    // The base GEMM in parallel over blocks of output rows (a multiple of every ISA's tile
+    // height), then the delta in parallel over work items, whose tokens own disjoint rows of y.
+    const int64_t blocks = (d_out + kLinearRowBlock - 1) / kLinearRowBlock;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t n0 = begin * kLinearRowBlock, n1 = std::min(d_out, end * kLinearRowBlock);
+      switch (isa) {
 #ifdef LF_HAVE_X86_VARIANTS
-      case Isa::kAvx512:
-        avx512::run_fused_linear<scalar_t>(p, T, w, b, items, n);
-        break;
-      case Isa::kAvx2:
-        avx2::run_fused_linear<scalar_t>(p, T, w, b, items, n);
-        break;
+        case Isa::kAvx512:
+          avx512::run_linear_rows<scalar_t>(p, T, w, b, n0, n1);
+          break;
+        case Isa::kAvx2:
+          avx2::run_linear_rows<scalar_t>(p, T, w, b, n0, n1);
+          break;
 #endif
-      default:
-        baseline::run_fused_linear<scalar_t>(p, T, w, b, items, n);
-    }
+        default:
+          baseline::run_linear_rows<scalar_t>(p, T, w, b, n0, n1);
+      }
+    });
+    if (!meta.items.empty()) run_parallel<scalar_t, scalar_t, Mode::kDelta>(p, meta.items);
   });
   return y;
 }

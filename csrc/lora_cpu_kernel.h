@@ -439,10 +439,10 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
 }
 
 // ---------------------------------------------------------------------------------------------
-// fused_lora_linear for few tokens: y = x W^T + bias + the LoRA delta in one call on one thread.
-// At decode sizes a GEMM library spends much of its time on packing and edge handling; these
-// register tiles read W in place, two tokens at a time, prefetching the next tile's W rows, and
-// the LoRA delta then adds into the y rows while they are still in cache.
+// fused_lora_linear for few tokens: y = x W^T + bias, then the LoRA delta (run_items) added into
+// the y rows while they are still in cache, in one call. At decode sizes a GEMM library spends
+// much of its time on packing and edge handling; these register tiles read W in place, two
+// tokens at a time, prefetching the next tile's W rows.
 
 // Sum of the lanes of a vector, by halving (a few shuffles, not a lane-by-lane loop).
 template <typename acc_t, int Bytes>
@@ -491,22 +491,22 @@ inline void linear_tile(const acc_t* const* x_rows, const acc_t* w, int64_t K, c
     }
 }
 
-// y [T, d_out] (p.out, rows p.out_row_stride apart) = x W^T + bias, then the LoRA delta of
-// `items` added into it. W is [d_out, d_in] contiguous, bias [d_out] or null; acc_t inputs.
+// y[:, n_begin:n_end] = x W[n_begin:n_end]^T + bias for the T tokens of p.x into p.out (rows
+// p.out_row_stride apart). W is [d_out, d_in] contiguous, bias [d_out] or null; acc_t inputs.
 template <typename acc_t>
-void run_fused_linear(const Problem<acc_t, acc_t>& p, int64_t num_tokens, const acc_t* W, const acc_t* bias,
-                      const WorkItem* items, int64_t num_items) {
+void run_linear_rows(const Problem<acc_t, acc_t>& p, int64_t num_tokens, const acc_t* W, const acc_t* bias,
+                     int64_t n_begin, int64_t n_end) {
   constexpr int TM = LF_LINEAR_TM;
   constexpr int TN = LF_LINEAR_TN;
   static_assert(TM == 2, "the token tail below is a single token");
-  const int64_t K = p.d_in, N = p.d_out;
+  const int64_t K = p.d_in;
   // Blocks of TN weight rows (the tail rows one by one), tokens TM at a time inside each block,
   // so a block's rows stay in L1 for every token.
-  for (int64_t n = 0; n < N;) {
-    const int tn = n + TN <= N ? TN : 1;
+  for (int64_t n = n_begin; n < n_end;) {
+    const int tn = n + TN <= n_end ? TN : 1;
     const acc_t* w = W + n * K;
     const acc_t* b = bias != nullptr ? bias + n : nullptr;
-    const acc_t* next_w = tn == TN && n + 2 * TN <= N ? w + TN * K : nullptr;
+    const acc_t* next_w = tn == TN && n + 2 * TN <= n_end ? w + TN * K : nullptr;
     for (int64_t i0 = 0; i0 < num_tokens; i0 += TM) {
       const int m = static_cast<int>(std::min<int64_t>(TM, num_tokens - i0));
       const acc_t* x_rows[TM] = {};
@@ -529,5 +529,4 @@ void run_fused_linear(const Problem<acc_t, acc_t>& p, int64_t num_tokens, const 
     }
     n += tn;
   }
-  run_items<acc_t, acc_t, Mode::kDelta>(p, items, num_items);
 }

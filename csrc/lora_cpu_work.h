@@ -25,6 +25,8 @@ constexpr int64_t kChunkTokens = 32;
 // Tokens per fused_lora_linear base tile (weight rows per tile: LF_LINEAR_TN, per instruction
 // set). Two tokens by 8 rows was the fastest AVX-512 shape on a decode sweep (AMD EPYC, 1 thread).
 #define LF_LINEAR_TM 2
+// Output rows per parallel task of fused_lora_linear's base GEMM: a multiple of every LF_LINEAR_TN.
+constexpr int64_t kLinearRowBlock = 64;
 
 struct WorkItem {
   int64_t slot;

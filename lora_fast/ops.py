@@ -21,10 +21,13 @@ from .reference import accumulation_dtype
 # Backends with backward kernels; the cuda backend's gradients run on the next of these.
 BACKWARD_BACKENDS = ("torch", "cpu", "triton")
 
-# fused_lora_linear runs its one-call C++ kernel up to this many tokens (CPU, one thread); the
-# kernel's register tiles beat the BLAS library's GEMM up to 32 tokens on a 1-thread AMD EPYC
-# sweep of SmolLM2's projections and tie it at 64 (see the kernel's notes in csrc/).
+# fused_lora_linear runs its one-call C++ kernel on the CPU up to this many tokens with one torch
+# thread, and up to FUSED_MAX_TOKENS_THREADED with several. On a 2-core AMD EPYC sweep of
+# SmolLM2's seven projections (16 adapters of rank 16) the kernel beat MKL's GEMM plus
+# lora_delta at 1-32 tokens on one thread (tied at 64), and with two threads only at 1-4 tokens
+# (its base GEMM does not scale there as MKL's does).
 FUSED_MAX_TOKENS = 32
+FUSED_MAX_TOKENS_THREADED = 4
 
 Tensor = torch.Tensor
 
@@ -439,9 +442,10 @@ def fused_lora_linear(
     ``x [T, d_in]``, ``W [d_out, d_in]``, ``bias [d_out]`` or None (x's dtype); ``A``, ``B``,
     ``batch``, ``scales`` and ``ranks`` as in :func:`lora_delta`. Returns a new ``[T, d_out]``.
 
-    On the CPU, for float32/float64 batches of at most ``FUSED_MAX_TOKENS`` tokens with one torch
-    thread and no autograd, one C++ kernel computes the base GEMM in register tiles (faster than
-    the BLAS library at decode sizes) and adds the LoRA delta into the still-cached output rows.
+    On the CPU, for float32/float64 batches of at most ``FUSED_MAX_TOKENS`` tokens (one torch
+    thread; ``FUSED_MAX_TOKENS_THREADED`` with more) and no autograd, one C++ kernel computes the
+    base GEMM in register tiles (faster than the BLAS library at decode sizes) and adds the LoRA
+    delta into the still-cached output rows.
     Everywhere else this is ``F.linear`` followed by ``lora_delta`` added into its output, which
     is differentiable w.r.t. every tensor argument.
     """
@@ -449,10 +453,9 @@ def fused_lora_linear(
         _check_delta_args(x, A, B, batch, scales, ranks, None, None)
         _check_linear_args(x, W, bias, B, batch)
     if (
-        x.shape[0] <= FUSED_MAX_TOKENS
+        x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
         and x.device.type == "cpu"
         and (x.dtype == torch.float32 or x.dtype == torch.float64)
-        and torch.get_num_threads() == 1
         and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
         and select(x.device, x.dtype) == "cpu"
     ):

@@ -92,3 +92,12 @@ def test_eigenlora_serving_benchmark_is_exact_and_writes_results(tmp_path):
         assert row["loadings_us"] > 0 and row["materialised_us"] > 0
         assert row["memory_ratio"] > 1
     assert len(list(tmp_path.glob("eigenlora_serving_*"))) == 2
+
+
+def test_quick_fused_linear_benchmark(tmp_path):
+    from benchmarks import bench_fused_linear
+
+    rows = bench_fused_linear.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [(row["tokens"], row["adapters"]) for row in rows] == [(1, 2), (8, 2)]
+    assert all(row["fused_path"] == "kernel" and row["fused_us"] > 0 for row in rows)
+    assert list(tmp_path.glob("fused_linear_cpu_*_1t_quick.md"))

@@ -74,6 +74,21 @@ def test_kernel_matches_reference(isa, one_thread, dtype, shape, bias, rank_majo
     assert torch.equal(c["ids"], ids)
 
 
+def test_threads_split_the_rows_without_changing_a_bit():
+    c = linear_case((9, 4, 70, 203, 16), torch.float32, rank_major=True)
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.lora_fast_C.fused_lora_linear(*args)
+        torch.set_num_threads(3)
+        several = torch.ops.lora_fast_C.fused_lora_linear(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, several)
+    assert_close(one, expected(c), torch.float32)
+
+
 def test_no_adapter_tokens_get_exactly_the_base_layer(one_thread):
     c = linear_case((7, 3, 50, 21, 8), torch.float64)
     c["batch"] = lora_fast.AdapterBatch(torch.full((7,), -1), 3)
@@ -166,3 +181,14 @@ def test_multilora_linear_inference_takes_the_fused_kernel(one_thread, monkeypat
         got = layer(x, batch)
     assert calls == [1]
     assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_composes_the_base_gemm_and_the_delta(dtype):
+    c = linear_case((37, 5, 64, 48, 8), dtype)
+    gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    gpu["batch"] = lora_fast.AdapterBatch(gpu["ids"], 5)
+    got = call(gpu)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert_close(got, expected(c), dtype)
