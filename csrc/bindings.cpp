@@ -38,26 +38,36 @@ namespace {
 // For each tensor i: has its (version counter, data pointer) moved from its stamp, row rows[i]
 // of stamps? Returns the indices i that did and writes their new stamps. One call checks a
 // whole list of parameters for in-place updates (version) or new storage (data pointer),
-// without a Python attribute read per tensor: after a model's big GEMMs those objects are cold
-// in cache, and this loop lets the CPU overlap the misses of independent tensors.
-std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps,
-                                   const std::vector<int64_t>& rows) {
+// without a Python attribute read per tensor. After a model's big GEMMs these objects are cold
+// in cache and each check is a chain of dependent loads (Python object, TensorImpl, version
+// counter / storage), so the chains advance for every tensor at once, one link per pass, with
+// the next link prefetched: the misses of one pass overlap instead of queueing.
+std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps, const at::Tensor& rows) {
   const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
   TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
                         stamps.dim() == 2 && stamps.size(1) == 2,
                     "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(rows.size()) == n, "rows must name one stamp row per tensor");
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                        rows.dim() == 1 && rows.size(0) == n,
+                    "rows must be a contiguous CPU int64 tensor naming one stamp row per tensor");
   int64_t* stamp = stamps.data_ptr<int64_t>();
+  const int64_t* row_of = rows.const_data_ptr<int64_t>();
+  PyObject** items = PySequence_Fast_ITEMS(tensors.ptr());
+  for (int64_t i = 0; i < n; ++i) __builtin_prefetch(items[i]);
+  std::vector<const c10::TensorImpl*> impls(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors[", i, "] is not a tensor");
+    TORCH_CHECK_VALUE(row_of[i] >= 0 && row_of[i] < stamps.size(0), "rows[", i, "] is out of range");
+    // Read in place: no reference taken, so the loop writes to no tensor's cache line.
+    impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+    for (int line = 0; line < 4; ++line) __builtin_prefetch(reinterpret_cast<const char*>(impls[i]) + 64 * line);
+  }
   std::vector<int64_t> changed;
   for (int64_t i = 0; i < n; ++i) {
-    PyObject* object = PyList_GET_ITEM(tensors.ptr(), i);
-    TORCH_CHECK_TYPE(THPVariable_Check(object), "tensors[", i, "] is not a tensor");
-    TORCH_CHECK_VALUE(rows[i] >= 0 && rows[i] < stamps.size(0), "rows[", i, "] is out of range");
-    // Read in place: no reference taken, so the loop writes to no tensor's cache line.
-    const at::Tensor& tensor = THPVariable_Unpack(object);
-    const int64_t version = static_cast<int64_t>(tensor._version());
-    const int64_t address = reinterpret_cast<int64_t>(tensor.data_ptr());
-    int64_t* row = stamp + 2 * rows[i];
+    const int64_t version = static_cast<int64_t>(impls[i]->version_counter().current_version());
+    const int64_t address = reinterpret_cast<int64_t>(impls[i]->storage().data()) +
+                            impls[i]->storage_offset() * static_cast<int64_t>(impls[i]->itemsize());
+    int64_t* row = stamp + 2 * row_of[i];
     if (row[0] != version || row[1] != address) {
       row[0] = version;
       row[1] = address;

@@ -28,6 +28,7 @@ BACKWARD_BACKENDS = ("torch", "cpu", "triton")
 # (its base GEMM does not scale there as MKL's does).
 FUSED_MAX_TOKENS = 32
 FUSED_MAX_TOKENS_THREADED = 4
+_CPU = torch.device("cpu")
 
 Tensor = torch.Tensor
 
@@ -452,14 +453,18 @@ def fused_lora_linear(
     if check_args:
         _check_delta_args(x, A, B, batch, scales, ranks, None, None)
         _check_linear_args(x, W, bias, B, batch)
+    dtype = x.dtype
     if (
-        x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
-        and x.device.type == "cpu"
-        and (x.dtype == torch.float32 or x.dtype == torch.float64)
+        x.is_cpu
+        and (dtype == torch.float32 or dtype == torch.float64)
+        and x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
         and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
-        and select(x.device, x.dtype) == "cpu"
+        and select(_CPU, dtype) == "cpu"
     ):
-        return _compiled().fused_lora_linear(x, W, bias, A, B, *batch.metadata[1:], scales, _int64(ranks))
+        # (the kernel converts ranks to int64 itself)
+        return _compiled().fused_lora_linear(
+            x, W, bias, A, B, batch.token_order, batch.segment_starts, batch.segment_lengths, scales, ranks
+        )
     out = torch.nn.functional.linear(x, W, bias)
     return lora_delta(x, A, B, batch, scales, ranks, out=out, check_args=False)
 

@@ -282,7 +282,7 @@ class _LayerState:
         self._resolved_names: object = None
         self._resolved: list[tuple[str, nn.Parameter, nn.Parameter]] = []
         self._resolved_tensors: list[nn.Parameter] = []
-        self._resolved_rows: list[int] = []
+        self._resolved_rows = torch.empty(0, dtype=torch.int64)
         self._version_table = torch.empty(0, 2, dtype=torch.int64)
         self._scaling_seen: dict[str, float] = {}
         self._scaling_subset: dict[str, float | None] = {}
@@ -354,7 +354,9 @@ class _LayerState:
                 resolved.append((name, *pair))
             self._resolved, self._resolved_names = resolved, names
             self._resolved_tensors = [weight for _, a, b in resolved for weight in (a, b)]
-            self._resolved_rows = [2 * slot_of[name] + k for name, _, _ in resolved for k in (0, 1)]
+            self._resolved_rows = torch.tensor(
+                [2 * slot_of[name] + k for name, _, _ in resolved for k in (0, 1)], dtype=torch.int64
+            )
             self._scaling_subset = {name: self._scaling_seen.get(name) for name, _, _ in resolved}
         # Which adapters may have changed: those whose scaling moved (one C-level subset test of
         # the (name, scaling) pairs last seen) or whose parameters were updated in place or got
@@ -465,11 +467,13 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
             result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
         )
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
-    base = self.base_layer
-    if not args and not kwargs and plain_linear(base) and rows.dtype == A.dtype == base.weight.dtype:
-        # the base GEMM and the delta in one call (one kernel for decode-sized CPU batches)
-        y = fused_lora_linear(rows, base.weight, base.bias, A, B, batch, scales, ranks, check_args=False)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    base = self._modules["base_layer"]
+    if not args and not kwargs and plain_linear(base):
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if rows.dtype == A.dtype == weight.dtype:
+            # the base GEMM and the delta in one call (one kernel for decode-sized CPU batches)
+            y = fused_lora_linear(rows, weight, bias, A, B, batch, scales, ranks, check_args=False)
+            return y.view(x.shape[:-1] + y.shape[-1:])
     result = base(x, *args, **kwargs)
     return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, None)
 
