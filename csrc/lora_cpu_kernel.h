@@ -7,6 +7,23 @@
 // It includes nothing: lora_cpu.cpp includes the standard headers and lora_cpu_work.h (WorkItem,
 // Problem, Mode) first.
 
+// Sum of the lanes of a vector, by halving (a few shuffles, not a lane-by-lane loop).
+template <typename acc_t, int Bytes>
+struct LaneSum {
+  typedef acc_t vec __attribute__((vector_size(Bytes)));
+  static inline acc_t sum(vec v) {
+    if constexpr (Bytes == 2 * static_cast<int>(sizeof(acc_t))) {
+      return v[0] + v[1];
+    } else {
+      typedef acc_t half __attribute__((vector_size(Bytes / 2)));
+      half lo, hi;
+      __builtin_memcpy(&lo, &v, Bytes / 2);
+      __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+      return LaneSum<acc_t, Bytes / 2>::sum(lo + hi);
+    }
+  }
+};
+
 template <typename acc_t>
 struct Simd {
   typedef acc_t vec __attribute__((vector_size(LF_VEC_BYTES)));
@@ -18,11 +35,7 @@ struct Simd {
     return v;
   }
   static inline void store(acc_t* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
-  static inline acc_t sum(vec v) {
-    acc_t s = 0;
-    for (int l = 0; l < lanes; ++l) s += v[l];
-    return s;
-  }
+  static inline acc_t sum(vec v) { return LaneSum<acc_t, LF_VEC_BYTES>::sum(v); }
 };
 
 // t[i * ldt + j] = dot(x_rows[i], a_rows[j]) over d, for i < M, j < TN.
@@ -444,23 +457,6 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
 // much of its time on packing and edge handling; these register tiles read W in place, two
 // tokens at a time, prefetching the next tile's W rows.
 
-// Sum of the lanes of a vector, by halving (a few shuffles, not a lane-by-lane loop).
-template <typename acc_t, int Bytes>
-struct LaneSum {
-  typedef acc_t vec __attribute__((vector_size(Bytes)));
-  static inline acc_t sum(vec v) {
-    if constexpr (Bytes == 2 * static_cast<int>(sizeof(acc_t))) {
-      return v[0] + v[1];
-    } else {
-      typedef acc_t half __attribute__((vector_size(Bytes / 2)));
-      half lo, hi;
-      __builtin_memcpy(&lo, &v, Bytes / 2);
-      __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-      return LaneSum<acc_t, Bytes / 2>::sum(lo + hi);
-    }
-  }
-};
-
 // y_rows[i][j] = bias[j] + dot(x_rows[i], w[j * K : (j + 1) * K]) for i < M tokens, j < TN
 // weight rows (bias may be null). With next_w set, also prefetches the same columns of the next
 // TN rows: the next tile's W arrives while this one computes.
@@ -485,7 +481,7 @@ inline void linear_tile(const acc_t* const* x_rows, const acc_t* w, int64_t K, c
   }
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < TN; ++j) {
-      acc_t s = LaneSum<acc_t, LF_VEC_BYTES>::sum(acc[i][j]);
+      acc_t s = S::sum(acc[i][j]);
       for (int64_t cc = c; cc < K; ++cc) s += x_rows[i][cc] * w[j * K + cc];
       y_rows[i][j] = bias != nullptr ? bias[j] + s : s;
     }
