@@ -99,6 +99,17 @@ def test_decode_batches_on_one_thread_run_the_fused_kernel_and_match_peft(monkey
                 got = logits(fast, ids, adapter_names=names)
             assert len(calls) == 2 * 7 + 1, calls
             assert_same(got, expected)
+            # the active-adapter path (set_adapter, no adapter_names): a0 is on the 7 projections
+            # of both layers, a2 on v_proj, down_proj and lm_head
+            for name, layers in (("a0", 2 * 7), ("a2", 2 * 2 + 1)):
+                model.set_adapter(name)
+                fast.set_adapter(name)
+                expected = logits(model, ids)
+                with lora_fast.use_backend("cpu"):
+                    calls.clear()
+                    got = logits(fast, ids)
+                assert len(calls) == layers, (name, calls)
+                assert_same(got, expected)
     finally:
         torch.set_num_threads(threads)
 

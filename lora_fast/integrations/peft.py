@@ -442,8 +442,9 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) > 1 or (active and active[0] in layer_state.unsupported):
             return _peft_forward(self, x, None, args, kwargs)  # several adapters summed, or a variant
-        result = self.base_layer(x, *args, **kwargs)
-        return _single_adapter(self, layer_state, x, result, active[0]) if active else result
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return _single_adapter(self, layer_state, x, args, kwargs, active[0])
 
     if len(x) != len(adapter_names):
         raise ValueError(
@@ -467,15 +468,22 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
             result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
         )
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
-    base = self._modules["base_layer"]
-    if not args and not kwargs and plain_linear(base):
+    return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
+
+
+def _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scales, ranks) -> torch.Tensor:
+    """The base layer's output for x plus the inference delta of ``lora_input``: one
+    fused_lora_linear call when the base layer is a plain Linear and the delta reads x's own
+    ``rows`` (no dropout applied; one kernel for decode-sized CPU batches), else the base layer
+    then the delta."""
+    base = layer._modules["base_layer"]
+    if not args and not kwargs and lora_input is rows and plain_linear(base):
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if rows.dtype == A.dtype == weight.dtype:
-            # the base GEMM and the delta in one call (one kernel for decode-sized CPU batches)
-            y = fused_lora_linear(rows, weight, bias, A, B, batch, scales, ranks, check_args=False)
+            y = fused_lora_linear(lora_input, weight, bias, A, B, batch, scales, ranks, check_args=False)
             return y.view(x.shape[:-1] + y.shape[-1:])
     result = base(x, *args, **kwargs)
-    return _add_delta(result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, None)
+    return _add_delta(result, layer._cast_input_dtype(lora_input, A.dtype), A, B, batch, scales, ranks, None)
 
 
 def _peft_forward(layer, x, adapter_names, args, kwargs):
@@ -484,21 +492,22 @@ def _peft_forward(layer, x, adapter_names, args, kwargs):
     return _original_forward(layer)(x, *args, **kwargs)
 
 
-def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, result, name: str) -> torch.Tensor:
+def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, args, kwargs, name: str) -> torch.Tensor:
     """Every token through the one active adapter."""
     weight_A, weight_B = layer.lora_A[name].weight, layer.lora_B[name].weight
     rows = layer._cast_input_dtype(x, weight_A.dtype).reshape(-1, x.shape[-1])
-    rows = layer.lora_dropout[name](rows)
+    lora_input = layer.lora_dropout[name](rows)  # rows itself when dropout is off or in eval
     model_state = layer_state.model_state
     if torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad):
         # training: PEFT's parameters themselves as a one-slot stack (views), so gradients reach them
+        result = layer.base_layer(x, *args, **kwargs)
         batch = model_state.one_slot_batch(rows.shape[0], rows.device)
         scales = torch.tensor([float(layer.scaling[name])], dtype=torch.float32, device=rows.device)
-        return _add_delta(result, rows, weight_A[None], weight_B[None], batch, scales, None, None)
+        return _add_delta(result, lora_input, weight_A[None], weight_B[None], batch, scales, None, None)
     slot_of = model_state.slot_of()
     batch = model_state.batch([name], rows.shape[0], rows.device)
     A, B, scales, ranks = layer_state.inference_stacks(layer, slot_of, (name,))
-    return _add_delta(result, rows, A, B, batch, scales, ranks, None)
+    return _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scales, ranks)
 
 
 def _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots) -> torch.Tensor:
