@@ -22,3 +22,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def isa(request, monkeypatch):
+    """Runs a test once per instruction-set copy of the C++ CPU kernels."""
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", request.param)
+    return request.param

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import lora_fast
@@ -86,3 +88,31 @@ def tiny_llama_config(**overrides):
         "pad_token_id": 0,
     }
     return LlamaConfig(**(fields | overrides))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch runs its CPU ops on ``count`` threads inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def count_fused_kernel_calls(monkeypatch) -> list[int]:
+    """A list that records the token count of every fused_lora_linear kernel call lora_fast.ops
+    makes from now on (the composed path records nothing)."""
+    calls: list[int] = []
+    compiled = lora_fast.ops._compiled
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(compiled(), name)
+            if name != "fused_lora_linear":
+                return op
+            return lambda *args: calls.append(args[0].shape[0]) or op(*args)
+
+    monkeypatch.setattr(lora_fast.ops, "_compiled", Counting)
+    return calls

@@ -6,9 +6,8 @@ import torch
 import lora_fast
 from lora_fast import ops, reference
 
-from .helpers import assert_close, random_case
+from .helpers import assert_close, count_fused_kernel_calls, random_case, torch_threads
 
-ISAS = ["avx512", "avx2", "baseline"]
 SHAPES = [
     # T, S, d_in, d_out, r_max: no tokens, odd widths and token counts, a rank above the
     # 64-column pass, the largest token count the kernel takes, an output narrower than a tile
@@ -21,18 +20,10 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("LORA_FAST_CPU_ISA", request.param)
-    return request.param
-
-
 @pytest.fixture
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def linear_case(shape, dtype, bias=True, rank_major=False):
@@ -77,14 +68,10 @@ def test_kernel_matches_reference(isa, one_thread, dtype, shape, bias, rank_majo
 def test_threads_split_the_rows_without_changing_a_bit():
     c = linear_case((9, 4, 70, 203, 16), torch.float32, rank_major=True)
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = torch.ops.lora_fast_C.fused_lora_linear(*args)
-        torch.set_num_threads(3)
+    with torch_threads(3):
         several = torch.ops.lora_fast_C.fused_lora_linear(*args)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, several)
     assert_close(one, expected(c), torch.float32)
 
@@ -171,15 +158,9 @@ def test_multilora_linear_inference_takes_the_fused_kernel(one_thread, monkeypat
         expected = layer.base(x) + lora_fast.lora_delta(
             x.reshape(8, 20), stack.A, stack.B, batch, stack.scales, stack.ranks
         ).view(2, 4, 13)
-        fused = ops._compiled().fused_lora_linear
-        calls = []
-        monkeypatch.setattr(
-            ops,
-            "_compiled",
-            lambda: type("C", (), {"fused_lora_linear": lambda *a: calls.append(1) or fused(*a)}),
-        )
+        calls = count_fused_kernel_calls(monkeypatch)
         got = layer(x, batch)
-    assert calls == [1]
+    assert calls == [8]
     assert_close(got, expected, torch.float32)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import lora_fast
 
-from .helpers import tiny_llama_config
+from .helpers import count_fused_kernel_calls, tiny_llama_config, torch_threads
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -76,20 +76,8 @@ def test_decode_batches_on_one_thread_run_the_fused_kernel_and_match_peft(monkey
     kernel call per projection (lm_head too), with PEFT's results."""
     model = peft_model()
     names = ["a0", "a1", "__base__", "a3", "a2", "a1"]
-    calls = []
-    compiled = lora_fast.ops._compiled
-
-    class Counting:
-        def __getattr__(self, name):
-            op = getattr(compiled(), name)
-            if name != "fused_lora_linear":
-                return op
-            return lambda *args: calls.append(args[0].shape) or op(*args)
-
-    monkeypatch.setattr(lora_fast.ops, "_compiled", Counting)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    calls = count_fused_kernel_calls(monkeypatch)
+    with torch_threads(1):
         for length in (1, 3):  # decode-like and a short prefill, both within FUSED_MAX_TOKENS
             ids = torch.randint(1, 97, (6, length))
             expected = logits(model, ids, adapter_names=names)
@@ -110,8 +98,6 @@ def test_decode_batches_on_one_thread_run_the_fused_kernel_and_match_peft(monkey
                     got = logits(fast, ids)
                 assert len(calls) == layers, (name, calls)
                 assert_same(got, expected)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

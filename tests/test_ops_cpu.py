@@ -9,7 +9,6 @@ from lora_fast import reference
 from .helpers import assert_close, random_case
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-ISAS = ["avx512", "avx2", "baseline"]
 SHAPES = [
     # T, S, d_in, d_out, r_max
     (0, 3, 16, 16, 4),
@@ -19,12 +18,6 @@ SHAPES = [
     (130, 6, 129, 67, 16),
     (70, 3, 40, 33, 80),  # rank above the kernel's 64-column pass
 ]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("LORA_FAST_CPU_ISA", request.param)
-    return request.param
 
 
 def expected_delta(c, out=None):
