@@ -173,3 +173,26 @@ def test_vision_placements_and_validation_split():
     # the training split cut in two: the test images stay unseen
     assert torch.equal(fit_x, train_x[: len(fit_x)]) and torch.equal(valid_x, train_x[len(fit_x) :])
     assert len(test_x) > 0.25 * (len(train_x) + len(test_x))
+
+
+def test_vision_training_schedule():
+    """Cosine decay: the first step at the full learning rate, the second at half of it (2 steps),
+    so one step matches the constant schedule and two do not; unknown schedules are refused."""
+    from lora_fast.methods import mtlora_vision
+
+    images, labels = torch.rand(6, 8, 8), torch.tensor([0, 1, 1, 0, 1, 0])
+    data = {"a": (images, labels)}
+
+    def trained(schedule, steps):
+        torch.manual_seed(0)
+        model = mtlora_vision.HierarchicalViT({"a": 2})
+        params = list(model.heads["a"].parameters())
+        mtlora_vision.train_tasks(
+            model, ["a"], data, params, lambda t: -1, 1, steps, 3, 0.1, 0, "test", schedule
+        )
+        return model.heads["a"].weight.detach().clone()
+
+    assert torch.equal(trained("cosine", 1), trained("constant", 1))
+    assert not torch.allclose(trained("cosine", 2), trained("constant", 2))
+    with pytest.raises(ValueError, match="schedule"):
+        trained("linear", 1)

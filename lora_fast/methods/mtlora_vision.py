@@ -44,6 +44,8 @@ def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     return torch.where(flipped[:, None, None], images.flip(-1), images), flipped.long()
 
 
+SCHEDULES = ("cosine", "constant")
+
 # name -> (classes, transform(images, digit labels, generator) -> (images, task labels))
 TASKS = {
     "parity": (2, lambda x, y, g: (x, y % 2)),
@@ -153,13 +155,20 @@ def pretrain(model: HierarchicalViT, images, labels, steps: int, seed: int) -> N
         optimizer.step()
 
 
-def train_tasks(model, tasks, data, params, slot_of, num_slots, steps, per_task, lr, seed, label) -> float:
+def train_tasks(
+    model, tasks, data, params, slot_of, num_slots, steps, per_task, lr, seed, label, schedule="cosine"
+) -> float:
     """Mixed-task batches (``per_task`` images of every task), the sum of per-task losses, each
-    task on its head; returns seconds per step. Dropout is seeded with ``seed`` (``tasks.seeded``)."""
+    task on its head; returns seconds per step. Dropout is seeded with ``seed`` (``tasks.seeded``).
+    ``schedule``: ``"cosine"`` decays the learning rate to 0 over ``steps`` (the paper's Swin
+    recipe), ``"constant"`` keeps it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     params = list(params)
     with seeded(seed, params):
         rng = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" else None
         model.train()
         started = time.perf_counter()
         for _ in tqdm(range(steps), desc=label, unit="step", leave=False, disable=None):
@@ -176,6 +185,8 @@ def train_tasks(model, tasks, data, params, slot_of, num_slots, steps, per_task,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if decay is not None:
+                decay.step()
         model.eval()
         return (time.perf_counter() - started) / steps
 
@@ -203,6 +214,12 @@ def run(args: argparse.Namespace, rest) -> dict:
     parser.add_argument("--vision-single-rank", type=int, default=4)
     parser.add_argument("--vision-lr", type=float, default=3e-3, help="heads and LoRA variants")
     parser.add_argument("--vision-full-lr", type=float, default=1e-3, help="full fine-tuning")
+    parser.add_argument(
+        "--vision-schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="learning rate over the adaptation steps, every variant alike (default: cosine decay)",
+    )
     parser.add_argument(
         "--vision-task-blocks",
         choices=("last", "all"),
@@ -262,6 +279,7 @@ def run(args: argparse.Namespace, rest) -> dict:
         vision.vision_lr,
         args.seed,
         "heads only",
+        vision.vision_schedule,
     )
     head_count = sum(p.numel() for p in head_params)
     variants["heads only (frozen backbone)"] = (
@@ -297,6 +315,7 @@ def run(args: argparse.Namespace, rest) -> dict:
             vision.vision_lr,
             args.seed,
             label,
+            vision.vision_schedule,
         )
         scores = accuracy(model, tasks, test, slot_of, num_slots)
         count = sum(p.numel() for p in params)
@@ -328,6 +347,7 @@ def run(args: argparse.Namespace, rest) -> dict:
             vision.vision_full_lr,
             args.seed,
             "full FT",
+            vision.vision_schedule,
         )
         variants["full fine-tuning"] = (
             accuracy(model, tasks, test, lambda t: -1, 1),
@@ -363,6 +383,7 @@ def run(args: argparse.Namespace, rest) -> dict:
             vision.vision_lr,
             args.seed,
             f"MTLoRA ({mode})",
+            vision.vision_schedule,
         )
         variants[f"MTLoRA ({mode})"] = (
             accuracy(model, tasks, test, tasks.index, len(tasks)),
