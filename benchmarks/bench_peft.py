@@ -10,6 +10,13 @@ PEFT), PEFT's mixed-batch forward, and a twin of that PeftModel after ``lora_fas
 for a decode-like batch (many sequences of 1 token) and a prefill-like one, plus greedy
 generation. On the CPU the three run in interleaved rounds, so the drift of a shared machine
 falls on all of them alike. The ceiling is the base model: LoRA for free.
+
+Each row also states what the adapters' own bytes cost: ``adapter_mb`` is the LoRA weights of
+the batch's adapters (every accelerated forward reads each of them once), and
+``adapter_read_floor`` the accelerated/base ratio the model would reach if everything but
+reading those bytes, at the read bandwidth measured in the same run, were free: where the base
+forward is itself bound by memory (GPU decode), no kernel gets under it; where the base forward
+is bound by compute (CPU), only reads hidden under the base GEMMs' arithmetic would.
 """
 
 from __future__ import annotations
@@ -44,6 +51,23 @@ def build_models(base: torch.nn.Module, num_adapters: int, rank: int, dtype: tor
     return base.eval(), model.to(dtype).eval()
 
 
+def adapter_bytes(peft_model: torch.nn.Module, names: Sequence[str]) -> int:
+    """Bytes of the LoRA A and B weights of the adapters ``names`` over every LoRA layer."""
+    total = 0
+    used = set(names)
+    for module in peft_model.modules():
+        lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_A, torch.nn.ModuleDict) and isinstance(lora_B, torch.nn.ModuleDict):
+            for name in used & set(lora_A.keys()):
+                total += lora_A[name].weight.nbytes + lora_B[name].weight.nbytes
+    return total
+
+
+def read_floor(adapter_bytes_read: int, bandwidth_gbps: float, base_us: float) -> float:
+    """The accelerated/base ratio if only reading the adapters' bytes cost anything extra."""
+    return 1.0 + adapter_bytes_read / (bandwidth_gbps * 1e3) / base_us
+
+
 def measure_us(
     fns: dict[str, Callable[[], object]], device: str, min_run_time: float, repetitions: int
 ) -> dict[str, float]:
@@ -71,6 +95,8 @@ def run(
     peft_model.to(device)
     # PEFT's own forward and the accelerated one on twin models, so they can alternate
     fast_model = lora_fast.accelerate(copy.deepcopy(peft_model))
+    bandwidth = common.read_bandwidth_gbps(device, 2**27 if vocab <= 512 else 2**29)
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
     rows = []
     for L in adapter_counts:
         for phase, (sequences, length) in shapes.items():
@@ -87,10 +113,17 @@ def run(
                 times = measure_us(fns, device, min_run_time, repetitions)
             error = float((got - expected).abs().max() / expected.abs().max())
             tokens = sequences * length
-            rows.append(row_of(phase, L, sequences, length, times, tokens, max_rel_logit_error_vs_peft=error))
+            read = adapter_bytes(peft_model, names)
+            extra = {
+                "adapter_mb": read / 1e6,
+                "adapter_read_floor": read_floor(read, bandwidth, times["base"]),
+                "read_gbps": bandwidth,
+                "max_rel_logit_error_vs_peft": error,
+            }
+            rows.append(row_of(phase, L, sequences, length, times, tokens, **extra))
             print_row(rows[-1])
         models = (base_model, peft_model, fast_model)
-        rows.append(generation_row(*models, L, shapes["decode"][0], vocab, new_tokens, device))
+        rows.append(generation_row(*models, L, shapes["decode"][0], vocab, new_tokens, device, bandwidth))
     return rows
 
 
@@ -116,13 +149,17 @@ def print_row(row: dict) -> None:
     print(
         f"{row['phase']:8s} L={row['adapters']:3d} {row['sequences']}x{row['tokens_per_sequence']}:"
         f" base {row['base_us'] / 1e3:8.2f} ms  PEFT x{row['peft_over_base']:.2f}"
-        f"  lora_fast x{row['lora_fast_over_base']:.2f} of base ({row['speedup_vs_peft']:.2f}x PEFT)",
+        f"  lora_fast x{row['lora_fast_over_base']:.2f} of base ({row['speedup_vs_peft']:.2f}x PEFT)"
+        f"  adapter reads alone x{row['adapter_read_floor']:.3f}",
         flush=True,
     )
 
 
-def generation_row(base_model, peft_model, fast_model, L, sequences, vocab, new_tokens, device) -> dict:
-    """Greedy generation of ``new_tokens`` for ``sequences`` prompts of 8 tokens."""
+def generation_row(
+    base_model, peft_model, fast_model, L, sequences, vocab, new_tokens, device, bandwidth
+) -> dict:
+    """Greedy generation of ``new_tokens`` for ``sequences`` prompts of 8 tokens (one forward per
+    new token, each reading the adapters once)."""
     ids = torch.randint(1, vocab, (sequences, 8), device=device)
     names = [f"a{i % L}" for i in range(sequences)]
     kwargs = {
@@ -150,7 +187,14 @@ def generation_row(base_model, peft_model, fast_model, L, sequences, vocab, new_
         same = bool(torch.equal(fns["peft"](), fns["lora_fast"]()))
         times = common.interleaved_median_us(fns, min_run_time=0.0, min_rounds=3)
     tokens = sequences * new_tokens
-    row = row_of("generate", L, sequences, new_tokens, times, tokens, same_tokens_as_peft=same)
+    read = new_tokens * adapter_bytes(peft_model, names)
+    extra = {
+        "adapter_mb": read / 1e6,
+        "adapter_read_floor": read_floor(read, bandwidth, times["base"]),
+        "read_gbps": bandwidth,
+        "same_tokens_as_peft": same,
+    }
+    row = row_of("generate", L, sequences, new_tokens, times, tokens, **extra)
     print_row(row)
     print(f"  generated tokens equal to PEFT's: {same}", flush=True)
     return row
@@ -168,6 +212,8 @@ COLUMNS = [
     "lora_fast_over_base",
     "speedup_vs_peft",
     "lora_fast_tokens_per_s",
+    "adapter_mb",
+    "adapter_read_floor",
 ]
 
 

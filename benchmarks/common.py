@@ -100,6 +100,22 @@ def copy_bandwidth_gbps(device: str = "cuda", size_bytes: int = 2**30) -> float:
     return 2 * size_bytes / seconds / 1e9
 
 
+def read_bandwidth_gbps(device: str, size_bytes: int = 2**29, repetitions: int = 10) -> float:
+    """Bytes per second the device reads from memory with torch's own threads: the median time of
+    summing a float32 buffer of ``size_bytes`` (larger than any cache), GB/s."""
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repetitions + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        buffer.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return size_bytes / statistics.median(times[2:]) / 1e9
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from benchmarks import bench_lora_ops
 from lora_fast.cli import main
 
@@ -25,8 +28,6 @@ def test_cli_bench_forwards_arguments(tmp_path, capsys):
 
 def test_every_baseline_computes_the_same_delta():
     """The timed baselines are only worth comparing against if they compute the same thing."""
-    import torch
-
     import lora_fast
 
     for order, mixed in (("interleaved", False), ("contiguous", True), ("random", False)):
@@ -80,6 +81,25 @@ def test_quick_peft_benchmark(tmp_path):
             assert row["same_tokens_as_peft"]
         else:
             assert row["max_rel_logit_error_vs_peft"] < 1e-4
+        assert row["adapter_mb"] > 0 and row["adapter_read_floor"] > 1.0
+
+
+def test_peft_benchmark_counts_the_adapter_bytes_a_batch_reads():
+    from benchmarks import bench_peft
+    from lora_fast.integrations import hf_models
+
+    base = bench_peft.tiny_llama()
+    _, model = bench_peft.build_models(base, 3, 4, torch.float32)
+    per_adapter = sum(
+        (module.in_features + module.out_features) * 4 * 4
+        for name, module in base.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in hf_models.LLAMA_PROJECTIONS
+    )
+    assert per_adapter > 0
+    assert bench_peft.adapter_bytes(model, ["a0", "a2", "a0", "__base__"]) == 2 * per_adapter
+    assert bench_peft.adapter_bytes(model, ["__base__"]) == 0
+    # 1 MB read at 1 GB/s is 1000 us: twice a 1000 us base forward
+    assert bench_peft.read_floor(10**6, 1.0, 1000.0) == pytest.approx(2.0)
 
 
 def test_eigenlora_serving_benchmark_is_exact_and_writes_results(tmp_path):
