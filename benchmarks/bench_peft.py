@@ -73,9 +73,17 @@ def measure_us(
 ) -> dict[str, float]:
     """Median microseconds per call of each function: on the CPU in interleaved rounds (the
     machine's drift hits base, PEFT and lora_fast alike), on a GPU one after the other with
-    CUDA events."""
+    CUDA events, eagerly, and for base and lora_fast also replayed from a CUDA graph
+    (``<name>_graph``, None where capture failed): eager decode of a small model can be bound by
+    the host's launches rather than the GPU. PEFT's mixed batch builds index tensors from Python
+    lists on every call, which a graph cannot hold, so it is timed eagerly only."""
     if device == "cuda":
-        return {name: common.gpu_median_us(fn, repetitions, graph=False) for name, fn in fns.items()}
+        times = {name: common.gpu_median_us(fn, repetitions, graph=False) for name, fn in fns.items()}
+        for name in ("base", "lora_fast"):
+            captured: list[bool] = []
+            graph_us = common.gpu_median_us(fns[name], repetitions, graph=True, captured=captured)
+            times[f"{name}_graph"] = graph_us if captured[0] else None
+        return times
     return common.interleaved_median_us(fns, min_run_time)
 
 
@@ -120,6 +128,10 @@ def run(
                 "read_gbps": bandwidth,
                 "max_rel_logit_error_vs_peft": error,
             }
+            if device == "cuda":
+                graphs = times["base_graph"], times["lora_fast_graph"]
+                extra["base_graph_us"], extra["lora_fast_graph_us"] = graphs
+                extra["lora_fast_over_base_graph"] = graphs[1] / graphs[0] if None not in graphs else None
             rows.append(row_of(phase, L, sequences, length, times, tokens, **extra))
             print_row(rows[-1])
         models = (base_model, peft_model, fast_model)
@@ -215,6 +227,8 @@ COLUMNS = [
     "adapter_mb",
     "adapter_read_floor",
 ]
+# GPU only: base and lora_fast replayed from CUDA graphs (forward rows)
+GRAPH_COLUMNS = ["base_graph_us", "lora_fast_graph_us", "lora_fast_over_base_graph"]
 
 
 def llama_8b_shaped(layers: int = 4) -> torch.nn.Module:
@@ -299,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.min_run_time,
         args.repetitions,
     )
-    table = common.markdown_table(rows, COLUMNS)
+    table = common.markdown_table(rows, COLUMNS + (GRAPH_COLUMNS if gpu else []))
     print()
     print(table)
     name = info["gpu"] if gpu else info["cpu"]

@@ -47,11 +47,14 @@ def interleaved_median_us(
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
-def gpu_median_us(fn: Callable[[], object], repetitions: int, graph: bool = True) -> float:
+def gpu_median_us(
+    fn: Callable[[], object], repetitions: int, graph: bool = True, captured: list[bool] | None = None
+) -> float:
     """Median GPU time of one call in microseconds, L2 flushed before each repetition.
 
     With ``graph`` the call is captured in a CUDA graph and replayed (launch overhead out of the
     measurement, as in a graph-captured serving step); if capture fails it is timed eagerly.
+    ``captured``, when given, gets True appended if a graph was replayed, else False.
     """
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     side = torch.cuda.Stream()
@@ -71,6 +74,8 @@ def gpu_median_us(fn: Callable[[], object], repetitions: int, graph: bool = True
         except Exception:
             torch.cuda.synchronize()
             run = fn
+    if captured is not None:
+        captured.append(run is not fn)
     times = []
     for _ in range(repetitions):
         flush.zero_()

@@ -121,3 +121,17 @@ def test_quick_fused_linear_benchmark(tmp_path):
     assert [(row["tokens"], row["adapters"]) for row in rows] == [(1, 2), (8, 2)]
     assert all(row["fused_path"] == "kernel" and row["fused_us"] > 0 for row in rows)
     assert list(tmp_path.glob("fused_linear_cpu_*_1t_quick.md"))
+
+
+@pytest.mark.gpu
+def test_peft_benchmark_on_cuda_captures_the_accelerated_forward(tmp_path):
+    """Where the base model's forward can be replayed from a CUDA graph, the accelerated one
+    can too (no host synchronisation or host-to-device copy inside the ops of a step)."""
+    from benchmarks import bench_peft
+
+    rows = bench_peft.main(["--device", "cuda", "--quick", "--out-dir", str(tmp_path)])
+    forward = [row for row in rows if row["phase"] != "generate"]
+    assert forward and all("lora_fast_graph_us" in row for row in forward)
+    for row in forward:
+        assert row["base_graph_us"] is None or row["lora_fast_graph_us"] is not None
+        assert row["max_rel_logit_error_vs_peft"] < 1e-4
