@@ -122,9 +122,11 @@ def run(
             error = float((got - expected).abs().max() / expected.abs().max())
             tokens = sequences * length
             read = adapter_bytes(peft_model, names)
+            # on a GPU, against the graph-replayed base (the GPU's own time) where it captured
+            base_us = times.get("base_graph") or times["base"]
             extra = {
                 "adapter_mb": read / 1e6,
-                "adapter_read_floor": read_floor(read, bandwidth, times["base"]),
+                "adapter_read_floor": read_floor(read, bandwidth, base_us),
                 "read_gbps": bandwidth,
                 "max_rel_logit_error_vs_peft": error,
             }
