@@ -14,7 +14,6 @@ reports the bytes each stores.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 
 import torch
@@ -152,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print()
     print(table)
     name = info["gpu"] if gpu else info["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = common.slug(name)
     stem = f"eigenlora_serving_{args.device}_{slug}" + ("_quick" if args.quick else "")
     payload = {"benchmark": "eigenlora_serving", "machine": info, "config": vars(args), "rows": rows}
     paths = common.write_results(stem, payload, table, args.out_dir)

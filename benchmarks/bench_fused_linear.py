@@ -18,7 +18,6 @@ Timed in interleaved rounds, one row per (T, L):
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 
 import torch
@@ -124,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     table = common.markdown_table(rows, COLUMNS)
     print()
     print(table)
-    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
+    slug = common.slug(info["cpu"])
     stem = f"fused_linear_cpu_{slug}_{args.threads}t"
     stem += "_quick" if args.quick else ""
     payload = {"benchmark": "fused_lora_linear", "machine": info, "config": vars(args), "rows": rows}

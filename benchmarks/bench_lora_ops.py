@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -504,7 +503,7 @@ def _main_cpu(args: argparse.Namespace, info: dict) -> list[dict]:
     table = common.markdown_table(rows, CPU_COLUMNS)
     print()
     print(table)
-    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
+    slug = common.slug(info["cpu"])
     stem = f"lora_ops_cpu_{slug}" + ("_quick" if args.quick else "")
     payload = {"benchmark": "lora_delta", "machine": info, "config": vars(args), "rows": rows}
     paths = common.write_results(stem, payload, table, args.out_dir)
@@ -523,7 +522,7 @@ def _main_gpu(args: argparse.Namespace, info: dict) -> list[dict]:
     table = common.markdown_table(rows, GPU_COLUMNS)
     print()
     print(table)
-    slug = re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
+    slug = common.slug(info["gpu"])
     stem = f"lora_ops_gpu_{slug}" + ("_quick" if args.quick else "")
     payload = {"benchmark": "lora_delta", "machine": info, "config": vars(args), "rows": rows}
     paths = common.write_results(stem, payload, table, args.out_dir)

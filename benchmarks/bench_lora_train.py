@@ -15,7 +15,6 @@ cost a mixed batch should match.
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -233,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print()
     print(table)
     name = info["gpu"] if gpu else info["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    slug = common.slug(name)
     stem = f"lora_train_{args.device}_{slug}" + ("_quick" if args.quick else "")
     payload = {"benchmark": "lora_delta_train", "machine": info, "config": vars(args), "rows": rows}
     paths = common.write_results(stem, payload, table, args.out_dir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -319,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print()
     print(table)
     name = info["gpu"] if gpu else info["cpu"]
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{model_name} {name}".lower()).strip("-")
+    slug = common.slug(f"{model_name} {name}")
     stem = f"peft_{args.device}_{slug}" + ("_quick" if args.quick else "")
     payload = {"benchmark": "peft_mixed_batch", "machine": info, "config": vars(args), "rows": rows}
     paths = common.write_results(stem, payload, table, args.out_dir)

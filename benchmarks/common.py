@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -159,6 +160,11 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name piece: lower case, each run of other characters one '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def write_results(stem: str, payload: dict, table: str, out_dir: Path | None = None) -> list[Path]:
