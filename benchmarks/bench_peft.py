@@ -102,7 +102,7 @@ def run(
     peft_model.to(device)
     # PEFT's own forward and the accelerated one on twin models, so they can alternate
     fast_model = lora_fast.accelerate(copy.deepcopy(peft_model))
-    bandwidth = common.read_bandwidth_gbps(device, 2**27 if vocab <= 512 else 2**29)
+    bandwidth = common.read_bandwidth_gbps(device)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
     rows = []
     for L in adapter_counts:
