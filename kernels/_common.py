@@ -43,7 +43,7 @@ def next_slot(slots, slot, num_slots):
 def slot_rank(ranks_ptr, slot, r_max, HAS_RANKS: tl.constexpr):
     """The slot's rank, clamped to [0, r_max] so a bad value can never index past A or B."""
     if HAS_RANKS:
-        rank = tl.load(ranks_ptr + slot)
+        rank = tl.load(ranks_ptr + slot).to(tl.int32)
         return tl.minimum(tl.maximum(rank, 0), r_max)
     return r_max
 
