@@ -285,6 +285,7 @@ def run_cpu_sweep(
                 "max_rel_error_vs_reference": error,
             }
             rows.append(row)
+            common.record_row(row)
             print(
                 f"T={T:5d} L={L:3d}  lora_fast {fast:9.1f} us"
                 f"  peft_loop x{row['speedup_vs_peft_loop']:.2f}"
@@ -345,8 +346,11 @@ def reference_anchors() -> dict:
         }
 
 
-def run_gpu_sweep(shapes: Sequence[dict], dtypes: Sequence[str], d: int, repetitions: int) -> list[dict]:
-    device = "cuda"
+def run_gpu_sweep(
+    shapes: Sequence[dict], dtypes: Sequence[str], d: int, repetitions: int, device: str = "cuda"
+) -> list[dict]:
+    """One row per shape and dtype. ``device`` is for the CPU test of this code path (with the
+    timers swapped for stand-ins): the timings themselves need CUDA events."""
     bandwidth = common.copy_bandwidth_gbps(device)
     anchors = reference_anchors()
     backends = [b for b in ("triton", "cuda") if b in lora_fast.backends.available(device)]
@@ -393,6 +397,7 @@ def run_gpu_sweep(shapes: Sequence[dict], dtypes: Sequence[str], d: int, repetit
             vllm = row["vllm_us"] or row["vllm_reference_us"]
             row["speedup_vs_vllm"] = vllm / best if vllm else None
             rows.append(row)
+            common.record_row(row)
             print(
                 f"{row['phase']:7s} {dtype_name:8s} T={T:5d} L={L:2d} r={r:2d} {row['order']:24s} "
                 f"lora_fast {best:8.1f} us  floor {row['floor_fraction']:.0%}"

@@ -168,6 +168,7 @@ def run_sweep(
                 "max_rel_grad_error_vs_loop": error,
             }
             rows.append(row)
+            common.record_row(row)
             grouped = (
                 f"  grouped_mm x{row['speedup_vs_grouped_mm']:.2f}" if row["speedup_vs_grouped_mm"] else ""
             )

@@ -134,9 +134,11 @@ def run(
                 extra["base_graph_us"], extra["lora_fast_graph_us"] = graphs
                 extra["lora_fast_over_base_graph"] = graphs[1] / graphs[0] if None not in graphs else None
             rows.append(row_of(phase, L, sequences, length, times, tokens, **extra))
+            common.record_row(rows[-1])
             print_row(rows[-1])
         models = (base_model, peft_model, fast_model)
         rows.append(generation_row(*models, L, shapes["decode"][0], vocab, new_tokens, device, bandwidth))
+        common.record_row(rows[-1])
     return rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import statistics
@@ -165,6 +166,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 def slug(text: str) -> str:
     """``text`` as a file-name piece: lower case, each run of other characters one '-'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+ROW_LOG_ENV = "BENCH_ROW_LOG"
+
+
+def record_row(row: dict) -> None:
+    """Appends ``row`` as one JSON line to the file named by $BENCH_ROW_LOG, if set: a run cut
+    short by a time limit (benchmarks/gpu_session.sh) keeps every row measured before the cut."""
+    path = os.environ.get(ROW_LOG_ENV)
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(row, default=str) + "\n")
 
 
 def write_results(stem: str, payload: dict, table: str, out_dir: Path | None = None) -> list[Path]:

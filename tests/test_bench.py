@@ -60,10 +60,14 @@ def test_gpu_sweep_covers_the_issue_shapes():
     assert any(s["mixed"] for s in shapes)
 
 
-def test_quick_training_benchmark(tmp_path):
+def test_quick_training_benchmark(tmp_path, monkeypatch):
     from benchmarks import bench_lora_train
 
+    # each row is also appended to $BENCH_ROW_LOG the moment it is measured (gpu_session.sh)
+    row_log = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("BENCH_ROW_LOG", str(row_log))
     rows = bench_lora_train.main(["--quick", "--out-dir", str(tmp_path)])
+    assert [json.loads(line) for line in row_log.read_text().splitlines()] == json.loads(json.dumps(rows))
     assert [row["L"] for row in rows] == [1, 4]
     for row in rows:
         assert row["max_rel_grad_error_vs_loop"] < 1e-4
@@ -135,3 +139,33 @@ def test_peft_benchmark_on_cuda_captures_the_accelerated_forward(tmp_path):
     for row in forward:
         assert row["base_graph_us"] is None or row["lora_fast_graph_us"] is not None
         assert row["max_rel_logit_error_vs_peft"] < 1e-4
+
+
+def test_gpu_sweep_code_path_runs_on_the_cpu(monkeypatch, tmp_path):
+    """Every line of the GPU sweep but the CUDA timers, so a GPU session does not find its bugs."""
+    from benchmarks import common
+
+    timed = []
+
+    def fake_median_us(fn, repetitions, graph=True, captured=None):
+        fn()
+        timed.append(graph)
+        return 2.0
+
+    monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda device="cuda": 1000.0)
+    shapes = [
+        {"phase": "decode", "T": 5, "L": 3, "r": 4, "order": "interleaved", "mixed": False},
+        {"phase": "prefill", "T": 40, "L": 2, "r": 8, "order": "contiguous", "mixed": True},
+    ]
+    rows = bench_lora_ops.run_gpu_sweep(shapes, ["float16"], 32, 3, device="cpu")
+    assert [(row["T"], row["order"]) for row in rows] == [(5, "interleaved"), (40, "contiguous+mixed_ranks")]
+    for row in rows:
+        assert row["lora_fast_triton_max_rel_error"] < 1e-2
+        assert row["lora_fast_us"] == 2.0 and row["hbm_floor_us"] > 0
+        assert row["torch_loop_us"] == 2.0 and row["dense_base_us"] == 2.0
+    assert rows[0]["peft_us"] == 2.0 and rows[1]["peft_us"] is None  # PEFT has no per-slot ranks
+    assert False in timed  # PEFT's forward is timed eagerly
+    table = common.markdown_table(rows, bench_lora_ops.GPU_COLUMNS)
+    assert table.count("\n") == 3
+    assert bench_lora_ops.plot_gpu(rows, tmp_path / "sweep.png").stat().st_size > 0
