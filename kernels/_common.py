@@ -28,6 +28,22 @@ def block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M: t
 
 
 @triton.jit
+def segment_tokens(
+    token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M: tl.constexpr
+):
+    """Tokens of block ``pid_m % blocks_per_slot`` of slot ``pid_m // blocks_per_slot``'s segment
+    and their slots (-1 past the segment's end, so a block beyond it walks no slot)."""
+    slot = pid_m // blocks_per_slot
+    first = (pid_m % blocks_per_slot) * BLOCK_M
+    start = tl.load(segment_starts_ptr + slot)
+    length = tl.load(segment_lengths_ptr + slot)
+    offsets = first + tl.arange(0, BLOCK_M)
+    in_segment = offsets < length
+    tokens = tl.load(token_order_ptr + start + offsets, mask=in_segment, other=0)
+    return tokens, tl.where(in_segment, slot, -1).to(tl.int64)
+
+
+@triton.jit
 def first_slot(slots, num_slots):
     """Smallest slot present in a block (num_slots when every token has none)."""
     return tl.min(tl.where(slots >= 0, slots, num_slots))
@@ -129,6 +145,23 @@ def add_scaled(out_tile_ptr, mask, acc, scale):
 def check_dtype(tensor: torch.Tensor, name: str) -> None:
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 {name}, got {tensor.dtype}")
+
+
+def token_grid(config: dict, num_tokens: int, segments) -> tuple[int, int, tuple | None]:
+    """``(programs along tokens, blocks per slot, segments)`` for a launch.
+
+    Positions mode (``SEGMENTED`` 0, or no segments given): one program per BLOCK_M positions of
+    the slot-sorted order, walking the slots present. Segments mode: ``num_slots`` times
+    cdiv(T, BLOCK_M) programs, each owning one block of one slot's segment (most are empty and
+    return at once), so a decode block of many slots is spread over many programs instead of
+    looped in one. Pops ``SEGMENTED`` from ``config``.
+    """
+    block_m = config["BLOCK_M"]
+    positions = triton.cdiv(num_tokens, block_m)
+    if not config.pop("SEGMENTED", 0) or segments is None:
+        return positions, positions, None
+    starts, lengths = segments
+    return starts.shape[0] * positions, positions, (starts, lengths)
 
 
 def rank_block(r_max: int, cap: int) -> int:

@@ -1,7 +1,9 @@
 """Launch configurations as data: a JSON table per GPU (plus a default), looked up per call.
 
 Each kernel has a list of entries; the first whose bounds hold (``max_tokens``, ``max_rank``,
-``max_d``; a missing bound always holds) is used. Nothing is autotuned at run time.
+``max_d``; a missing bound always holds) is used. A ``"config": null`` entry says "not this
+kernel" for its shapes (the fused delta: use shrink + expand there). Nothing is autotuned at run
+time; benchmarks/tune_triton.py writes a GPU's table from measurements.
 ``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
 """
 
@@ -40,8 +42,9 @@ def table_path(device: torch.device) -> Path:
     return specific if specific.is_file() else CONFIG_DIR / "default.json"
 
 
-def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict:
-    """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d."""
+def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict | None:
+    """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d (None: the
+    table says not to use this kernel there)."""
     entries = _table(str(table_path(device)))[kernel]
     for entry in entries:
         when = entry.get("when", {})
@@ -50,5 +53,5 @@ def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int
             and rank <= when.get("max_rank", rank)
             and d <= when.get("max_d", d)
         ):
-            return dict(entry["config"])
+            return None if entry["config"] is None else dict(entry["config"])
     raise ValueError(f"{table_path(device)}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")

@@ -22,8 +22,10 @@ from ._common import (
     first_slot,
     next_slot,
     rank_block,
+    segment_tokens,
     shrink_tile,
     slot_rank,
+    token_grid,
 )
 from .configs import lookup
 from .lora_expand import lora_expand_
@@ -39,9 +41,12 @@ def _lora_delta_fused_kernel(
     scales_ptr,
     token_order_ptr,
     token_slots_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
     ranks_ptr,
     num_tokens,
     num_slots,
+    blocks_per_slot,
     d_in,
     d_out,
     r_max,
@@ -58,12 +63,18 @@ def _lora_delta_fused_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    if SEGMENTED:
+        tokens, slots = segment_tokens(
+            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
+        )
+    else:
+        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -114,6 +125,7 @@ def lora_delta_fused_(
     ranks: torch.Tensor | None,
     out: torch.Tensor,
     config: dict,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """The one-launch delta (see the module docstring), added into ``out`` in place."""
     num_tokens, d_in = x.shape
@@ -121,8 +133,9 @@ def lora_delta_fused_(
     d_out = B.shape[1]
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), triton.cdiv(d_out, config["BLOCK_N"]))
-    _lora_delta_fused_kernel[grid](
+    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
+    starts, lengths = segments if segments is not None else (token_order, token_order)
+    _lora_delta_fused_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
         x,
         A,
         B,
@@ -130,9 +143,12 @@ def lora_delta_fused_(
         scales,
         token_order,
         token_slots,
+        starts,
+        lengths,
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
+        blocks_per_slot,
         d_in,
         d_out,
         r_max,
@@ -142,6 +158,7 @@ def lora_delta_fused_(
         out.stride(0),
         HAS_RANKS=ranks is not None,
         BLOCK_R=block_r,
+        SEGMENTED=segments is not None,
         UPCAST=INTERPRETED,
         IEEE=x.dtype == torch.float32,
         **config,
@@ -159,13 +176,15 @@ def lora_delta_(
     out: torch.Tensor,
     fused: bool | None = None,
     configs: dict | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Adds the LoRA delta of every token into ``out [T, d_out]`` in place.
 
     ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` any strides (a rank-major
     ``B``, the transpose of ``[S, r_max, d_out]``, reads coalesced along d_out); ``ranks`` int64
     or None. ``fused`` None picks by the config table (fused up to its ``max_tokens``);
-    ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters.
+    ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters;
+    ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
     """
     check_dtype(x, "x")
     num_tokens, d_in = x.shape
@@ -178,11 +197,14 @@ def lora_delta_(
         fused = fused_config is not None
     else:
         fused_config = configs.get("fused") or lookup("fused", x.device, 1, r_max, d_in)
+        fused = fused and fused_config is not None
     if fused:
-        lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config)
+        lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config, segments)
         return
-    partials = lora_shrink_partials(x, A, token_order, token_slots, ranks, configs.get("shrink"))
-    lora_expand_(partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"))
+    partials = lora_shrink_partials(
+        x, A, token_order, token_slots, ranks, configs.get("shrink"), segments, zeroed=False
+    )
+    lora_expand_(partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"), segments)
 
 
 def _fused_config(device: torch.device, num_tokens: int, r_max: int, d_in: int) -> dict | None:

@@ -37,6 +37,7 @@ def _lora_weight_grad_kernel(
     r_max,
     stride_coef_row,
     stride_rows_row,
+    stride_grad_split,
     stride_grad_slot,
     stride_grad_rank,
     stride_grad_col,
@@ -45,11 +46,13 @@ def _lora_weight_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SPLIT_M: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     slot = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_split = tl.program_id(2)
     if HAS_GRAD_SLOTS:
         if tl.load(grad_slots_ptr + slot) == 0:
             return
@@ -61,12 +64,16 @@ def _lora_weight_grad_kernel(
     column_ok = columns < width
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
+    # this program's share of the segment: whole blocks, split SPLIT_M ways
+    chunk = tl.cdiv(tl.cdiv(length, BLOCK_M), SPLIT_M) * BLOCK_M
+    m_begin = pid_split * chunk
+    m_end = tl.minimum(length, m_begin + chunk)
     for r0 in range(0, rank, BLOCK_R):
         ranks_here = r0 + offs_r
         rank_ok = ranks_here < rank
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for m0 in range(0, length, BLOCK_M):
-            in_segment = m0 + offs_m < length
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            in_segment = m0 + offs_m < m_end
             tokens = tl.load(token_order_ptr + start + m0 + offs_m, mask=in_segment, other=0)
             rows = tl.load(
                 rows_ptr + tokens[:, None] * stride_rows_row + columns[None, :],
@@ -79,7 +86,8 @@ def _lora_weight_grad_kernel(
                 other=0.0,
             )
             acc += dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
-        grad = grad_ptr + slot * stride_grad_slot + ranks_here[:, None] * stride_grad_rank
+        grad = grad_ptr + pid_split * stride_grad_split + slot * stride_grad_slot
+        grad += ranks_here[:, None] * stride_grad_rank
         grad += columns[None, :] * stride_grad_col
         tl.store(
             grad, (acc * scale).to(grad_ptr.dtype.element_ty), mask=rank_ok[:, None] & column_ok[None, :]
@@ -99,16 +107,30 @@ def _weight_grad(
     grad_slots: torch.Tensor | None,
     config: dict,
 ) -> None:
-    """grad[slot] (seen through grad_strides as [r_max, width]) = scale * coef^T rows per slot."""
+    """grad[slot] (seen through grad_strides as [r_max, width]) = scale * coef^T rows per slot.
+
+    Each slot's segment is split SPLIT_M ways (config; 0 picks enough splits to give the GPU's
+    multiprocessors two programs each): the splits write float32 partial planes, summed in a
+    fixed order afterwards, so a batch of one or few slots still fills the GPU without atomics.
+    """
     config = dict(config)
     num_slots = segment_starts.shape[0]
+    num_tokens = rows.shape[0]
     width, r_max = rows.shape[1], coef.shape[1]
     block_r = max(16, min(config.pop("MAX_BLOCK_R"), triton.next_power_of_2(max(r_max, 1))))
-    grid = (num_slots, triton.cdiv(width, config["BLOCK_D"]))
-    _lora_weight_grad_kernel[grid](
+    column_blocks = triton.cdiv(width, config["BLOCK_D"])
+    split_m = config.pop("SPLIT_M", 0)
+    if split_m <= 0:
+        wanted = triton.cdiv(2 * _multiprocessors(rows.device), num_slots * column_blocks)
+        split_m = max(1, min(16, wanted, triton.cdiv(num_tokens, config["BLOCK_M"])))
+    target, target_strides, split_stride = grad, grad_strides, 0
+    if split_m > 1:
+        target = torch.zeros(split_m, num_slots, r_max, width, dtype=torch.float32, device=grad.device)
+        target_strides, split_stride = target.stride()[1:], target.stride(0)
+    _lora_weight_grad_kernel[(num_slots, column_blocks, split_m)](
         coef,
         rows,
-        grad,
+        target,
         scales,
         token_order,
         segment_starts,
@@ -119,14 +141,24 @@ def _weight_grad(
         r_max,
         coef.stride(0),
         rows.stride(0),
-        *grad_strides,
+        split_stride,
+        *target_strides,
         HAS_RANKS=ranks is not None,
         HAS_GRAD_SLOTS=grad_slots is not None,
         BLOCK_R=block_r,
+        SPLIT_M=split_m,
         UPCAST=INTERPRETED,
         IEEE=rows.dtype == torch.float32,
         **config,
     )
+    if split_m > 1:
+        grad.as_strided((num_slots, r_max, width), grad_strides).copy_(target.sum(dim=0))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lora_delta_backward(
@@ -169,7 +201,13 @@ def lora_delta_backward(
     if needs_x or needs_A:
         # u = B^T dy: the shrink with B read as [S, r_max, d_out]
         u_partials = lora_shrink_partials(
-            grad_out, B.transpose(1, 2), token_order, token_slots, ranks, configs.get("shrink")
+            grad_out,
+            B.transpose(1, 2),
+            token_order,
+            token_slots,
+            ranks,
+            configs.get("shrink"),
+            (segment_starts, segment_lengths),
         )
         if needs_x:  # dx = s * A^T u: the expand with A read as [S, d_in, r_max]
             lora_expand_(
@@ -181,12 +219,15 @@ def lora_delta_backward(
                 ranks,
                 dx,
                 configs.get("expand"),
+                (segment_starts, segment_lengths),
             )
         if needs_A:
             u = u_partials.sum(dim=0)
             _weight_grad(u, x, dA, dA.stride(), scales, *segments, ranks, mask, grad_config)
     if needs_B:
-        t = lora_shrink_partials(x, A, token_order, token_slots, ranks, configs.get("shrink")).sum(dim=0)
+        t = lora_shrink_partials(
+            x, A, token_order, token_slots, ranks, configs.get("shrink"), (segment_starts, segment_lengths)
+        ).sum(dim=0)
         strides = (dB.stride(0), dB.stride(2), dB.stride(1))  # dB[slot] written as [r_max, d_out]
         _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, mask, grad_config)
     return dx, dA, dB

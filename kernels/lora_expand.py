@@ -21,7 +21,9 @@ from ._common import (
     first_slot,
     next_slot,
     rank_block,
+    segment_tokens,
     slot_rank,
+    token_grid,
 )
 from .configs import lookup
 
@@ -34,9 +36,12 @@ def _lora_expand_kernel(
     scales_ptr,
     token_order_ptr,
     token_slots_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
     ranks_ptr,
     num_tokens,
     num_slots,
+    blocks_per_slot,
     d_out,
     r_max,
     stride_b_slot,
@@ -50,12 +55,18 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    if SEGMENTED:
+        tokens, slots = segment_tokens(
+            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
+        )
+    else:
+        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -93,6 +104,7 @@ def lora_expand_(
     ranks: torch.Tensor | None,
     out: torch.Tensor,
     config: dict | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Adds the expand into ``out [T, d_out]`` (unit inner stride) in place.
 
@@ -110,17 +122,21 @@ def lora_expand_(
         config = lookup("expand", out.device, num_tokens, r_max, d_out)
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), triton.cdiv(d_out, config["BLOCK_N"]))
-    _lora_expand_kernel[grid](
+    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
+    starts, lengths = segments if segments is not None else (token_order, token_order)
+    _lora_expand_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
         partials,
         B,
         out,
         scales,
         token_order,
         token_slots,
+        starts,
+        lengths,
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
+        blocks_per_slot,
         d_out,
         r_max,
         *B.stride(),
@@ -130,6 +146,7 @@ def lora_expand_(
         HAS_RANKS=ranks is not None,
         SPLIT_K=split_k,
         BLOCK_R=block_r,
+        SEGMENTED=segments is not None,
         UPCAST=INTERPRETED,
         IEEE=B.dtype == torch.float32,
         **config,

@@ -21,8 +21,10 @@ from ._common import (
     first_slot,
     next_slot,
     rank_block,
+    segment_tokens,
     shrink_tile,
     slot_rank,
+    token_grid,
 )
 from .configs import lookup
 
@@ -34,9 +36,12 @@ def _lora_shrink_kernel(
     t_ptr,
     token_order_ptr,
     token_slots_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
     ranks_ptr,
     num_tokens,
     num_slots,
+    blocks_per_slot,
     d_in,
     r_max,
     stride_x_row,
@@ -50,12 +55,18 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
-    tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    if SEGMENTED:
+        tokens, slots = segment_tokens(
+            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
+        )
+    else:
+        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
     k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_split * k_per_split
     k_end = tl.minimum(d_in, k_begin + k_per_split)
@@ -99,12 +110,16 @@ def lora_shrink_partials(
     token_slots: torch.Tensor,
     ranks: torch.Tensor | None,
     config: dict | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zeroed: bool = True,
 ) -> torch.Tensor:
     """Split-K partial products ``[SPLIT_K, T, r_max]`` (float32) whose sum over dim 0 is t.
 
     Entries the shrink does not own (columns past a slot's rank, tokens without a slot) are
-    zero. ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` (any strides; the
-    backward passes ``B`` transposed), metadata as in lora_fast.AdapterBatch, ``ranks`` int64 or None.
+    zero (left unwritten with ``zeroed=False``, for a reader that never looks at them: the expand).
+    ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` (any strides; the backward
+    passes ``B`` transposed), metadata as in lora_fast.AdapterBatch, ``ranks`` int64 or None,
+    ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
     """
     check_dtype(x, "x")
     num_tokens, d_in = x.shape
@@ -114,19 +129,24 @@ def lora_shrink_partials(
     config = dict(config)
     split_k = config.pop("SPLIT_K")
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    partials = torch.zeros((split_k, num_tokens, r_max), dtype=torch.float32, device=x.device)
+    allocate = torch.zeros if zeroed else torch.empty
+    partials = allocate((split_k, num_tokens, r_max), dtype=torch.float32, device=x.device)
     if num_tokens == 0 or r_max == 0:
         return partials
-    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]), split_k)
-    _lora_shrink_kernel[grid](
+    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
+    starts, lengths = segments if segments is not None else (token_order, token_order)
+    _lora_shrink_kernel[(programs, split_k)](
         x,
         A,
         partials,
         token_order,
         token_slots,
+        starts,
+        lengths,
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
+        blocks_per_slot,
         d_in,
         r_max,
         x.stride(0),
@@ -136,6 +156,7 @@ def lora_shrink_partials(
         HAS_RANKS=ranks is not None,
         BLOCK_R=block_r,
         SPLIT_K=split_k,
+        SEGMENTED=segments is not None,
         UPCAST=INTERPRETED,
         IEEE=x.dtype == torch.float32,
         **config,
@@ -150,7 +171,8 @@ def lora_shrink(
     token_slots: torch.Tensor,
     ranks: torch.Tensor | None,
     config: dict | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``t [T, r_max]`` float32: the shrink of every token (zero where it owns nothing)."""
-    partials = lora_shrink_partials(x, A, token_order, token_slots, ranks, config)
+    partials = lora_shrink_partials(x, A, token_order, token_slots, ranks, config, segments)
     return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)

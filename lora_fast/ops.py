@@ -71,7 +71,14 @@ def _shrink_impl(
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         return reference.lora_shrink(x, A, batch, ranks)
     if backend == "triton":
-        return _triton().lora_shrink(_unit_stride_rows(x), A, token_order, token_slots, _int64(ranks))
+        return _triton().lora_shrink(
+            _unit_stride_rows(x),
+            A,
+            token_order,
+            token_slots,
+            _int64(ranks),
+            segments=(segment_starts, segment_lengths),
+        )
     return _compiled().lora_shrink(x, A, token_order, segment_starts, segment_lengths, _int64(ranks))
 
 
@@ -94,7 +101,14 @@ def _expand_impl(
     target = _unit_stride_rows(out)
     if backend == "triton":
         _triton().lora_expand_(
-            _unit_stride_rows(t), B, token_order, token_slots, scales, _int64(ranks), target
+            _unit_stride_rows(t),
+            B,
+            token_order,
+            token_slots,
+            scales,
+            _int64(ranks),
+            target,
+            segments=(segment_starts, segment_lengths),
         )
     else:
         _compiled().lora_expand_(
@@ -124,7 +138,15 @@ def _delta_impl(
     target = _unit_stride_rows(out)
     if backend == "triton":
         _triton().lora_delta_(
-            _unit_stride_rows(x), A, B, token_order, token_slots, scales, _int64(ranks), target
+            _unit_stride_rows(x),
+            A,
+            B,
+            token_order,
+            token_slots,
+            scales,
+            _int64(ranks),
+            target,
+            segments=(segment_starts, segment_lengths),
         )
     else:
         _compiled().lora_delta_(

@@ -54,12 +54,18 @@ def compile_only() -> list[tuple[str, int]]:
     return compiled
 
 
+# both grids of the token-blocked kernels: positions of the slot-sorted order, and slot segments
+MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1})
+
+
 def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
-    """Every launcher, every dtype, per-slot ranks or not, each config-table row's token count."""
+    """Every launcher, every dtype, per-slot ranks or not, each config-table row's token count,
+    both grid modes, whole and split weight-gradient segments."""
     sys.path.insert(0, str(ROOT))
     delta = importlib.import_module("kernels.lora_delta")
     backward = importlib.import_module("kernels.lora_delta_backward")
     subspace = importlib.import_module("kernels.subspace_project")
+    lookup = importlib.import_module("kernels.configs").lookup
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for num_tokens, r_max in ((8, 16), (100, 64), (5000, 8)):
             x = torch.randn(num_tokens, d_in).to(dtype)
@@ -72,18 +78,70 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
             ranks = torch.randint(1, r_max + 1, (num_slots,))
             scales = torch.rand(num_slots)
             out = torch.empty(num_tokens, d_out, dtype=dtype)
-            for B_ in (B, B_rank_major):
-                for ranks_ in (None, ranks):
-                    for fused in (True, False):
-                        delta.lora_delta_(x, A, B_, order, slots, scales, ranks_, out, fused=fused)
             starts = torch.zeros(num_slots, dtype=torch.long)
             lengths = torch.zeros(num_slots, dtype=torch.long)
+            # the rank-major B (other stride specialisations) in one dtype keeps the run short
+            for B_ in (B, B_rank_major) if dtype == torch.bfloat16 else (B,):
+                for ranks_ in (None, ranks):
+                    for fused in (True, False):
+                        for mode in MODES:
+                            configs = {
+                                kernel: dict(lookup(kernel, x.device, tokens, r_max, d_in), **mode)
+                                for kernel, tokens in (
+                                    ("fused", 1),
+                                    ("shrink", num_tokens),
+                                    ("expand", num_tokens),
+                                )
+                            }
+                            delta.lora_delta_(
+                                x, A, B_, order, slots, scales, ranks_, out, fused, configs, (starts, lengths)
+                            )
             grad_out = torch.randn(num_tokens, d_out).to(dtype)
             for grad_slots in (None, torch.ones(num_slots, dtype=torch.bool)):
-                backward.lora_delta_backward(
-                    grad_out, x, A, B, order, slots, starts, lengths, scales, ranks, grad_slots
-                )
+                for split_m in (1, 4):
+                    configs = {"weight_grad": dict(lookup("weight_grad", x.device, num_tokens, r_max, d_in))}
+                    configs["weight_grad"]["SPLIT_M"] = split_m
+                    backward.lora_delta_backward(
+                        grad_out,
+                        x,
+                        A,
+                        B,
+                        order,
+                        slots,
+                        starts,
+                        lengths,
+                        scales,
+                        ranks,
+                        grad_slots,
+                        configs=configs,
+                    )
         subspace.subspace_project(torch.randn(64, 256).to(dtype), torch.randn(8, 256).to(dtype))
+    # every candidate benchmarks/tune_triton.py times on a GPU, in its dtype, at each rank
+    tune = importlib.import_module("benchmarks.tune_triton")
+    candidates = tune.DECODE_CANDIDATES | tune.PREFILL_CANDIDATES
+    for r_max in (8, 16, 64):
+        num_tokens = 40
+        x = torch.randn(num_tokens, d_in).to(torch.bfloat16)
+        A = torch.randn(num_slots, r_max, d_in).to(torch.bfloat16)
+        B = torch.randn(num_slots, d_out, r_max).to(torch.bfloat16)
+        slots = torch.randint(-1, num_slots, (num_tokens,))
+        out = torch.empty(num_tokens, d_out, dtype=torch.bfloat16)
+        segments = (torch.zeros(num_slots, dtype=torch.long), torch.zeros(num_slots, dtype=torch.long))
+        for candidate in candidates.values():
+            configs = {kernel: candidate[kernel] for kernel in ("fused", "shrink", "expand")}
+            delta.lora_delta_(
+                x,
+                A,
+                B,
+                torch.argsort(slots),
+                slots,
+                torch.rand(num_slots),
+                None,
+                out,
+                candidate["fused"] is not None,
+                configs,
+                segments,
+            )
 
 
 if __name__ == "__main__":

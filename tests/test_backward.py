@@ -166,3 +166,54 @@ def test_grad_slots_is_validated():
         lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], grad_slots=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match=r"grad_slots.shape\[0\] must be num_slots"):
         lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], grad_slots=torch.tensor([True]))
+
+
+@pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_triton_backward_kernels_with_split_segments(split_m, segmented):
+    """The weight gradients with each slot's segment split over programs (float32 partial planes,
+    summed afterwards) and the shrink/expand of the backward in either grid mode."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    c = random_case(150, 4, 40, 36, 24, dtype=torch.float32, device=DEVICE, none_fraction=0.2)
+    b = c["batch"]
+    grad_slots = torch.tensor([True, False, True, True], device=DEVICE)
+    grad_out = torch.randn(150, 36, device=DEVICE)
+    small = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1, "MAX_BLOCK_R": 16, "SEGMENTED": int(segmented)}
+    configs = {
+        "shrink": dict(small, BLOCK_K=16, SPLIT_K=2),
+        "expand": dict(small, BLOCK_N=32),
+        "weight_grad": {
+            "BLOCK_M": 16,
+            "BLOCK_D": 32,
+            "MAX_BLOCK_R": 16,
+            "SPLIT_M": split_m,
+            "num_warps": 4,
+            "num_stages": 1,
+        },
+    }
+    got = kernels.lora_delta_backward(
+        grad_out,
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        b.segment_starts,
+        b.segment_lengths,
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+        configs=configs,
+    )
+    expected = reference.lora_delta_backward(
+        grad_out.double(),
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        b,
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, torch.float32)

@@ -1,6 +1,8 @@
 """Smoke test of the op benchmark: it runs, agrees with the reference, and writes its files."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +171,48 @@ def test_gpu_sweep_code_path_runs_on_the_cpu(monkeypatch, tmp_path):
     table = common.markdown_table(rows, bench_lora_ops.GPU_COLUMNS)
     assert table.count("\n") == 3
     assert bench_lora_ops.plot_gpu(rows, tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_tuner_times_every_candidate_and_builds_a_bucketed_table(monkeypatch, tmp_path):
+    """benchmarks/tune_triton on the CPU (interpreter, stand-in timer): every candidate runs and
+    agrees with the reference, and the table it builds sends each bucket to its best candidate."""
+    from lora_fast.kernels import configs
+
+    from benchmarks import common, tune_triton
+
+    fake_times = {"split16_positions": 3.0, "split16_segments": 2.0}
+    current = {}
+
+    def fake_median_us(fn, repetitions, graph=True, captured=None):
+        fn()
+        return fake_times[current["name"]]
+
+    real_op = bench_lora_ops.lora_fast_op
+
+    def op(p, backend):
+        current["name"] = Path(os.environ["LORA_FAST_TRITON_CONFIG"]).stem
+        return real_op(p, backend)
+
+    monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    monkeypatch.setattr(bench_lora_ops, "lora_fast_op", op)
+    candidates = {name: tune_triton.DECODE_CANDIDATES[name] for name in fake_times}
+    shapes = [
+        {"phase": "decode", "T": 5, "L": 3, "r": 8, "order": "interleaved", "mixed": False},
+        {"phase": "decode", "T": 20, "L": 2, "r": 16, "order": "contiguous", "mixed": False},
+    ]
+    rows = tune_triton.time_candidates(shapes, candidates, 32, torch.float16, 2, tmp_path, device="cpu")
+    assert [row["best"] for row in rows] == ["split16_segments"] * 2
+    table = tune_triton.build_table(rows, candidates, "test GPU")
+    assert table["_choices"] == {"T<=5 r<=8": "split16_segments", "T<=20 r<=16": "split16_segments"}
+    assert table["shrink"][0]["when"] == {"max_tokens": 5} and table["shrink"][-1]["when"] == {}
+    assert table["fused"][0]["config"] is None  # the split path: no fused launch
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    assert configs.lookup("fused", torch.device("cpu"), 3, 8, 32) is None
+    assert configs.lookup("shrink", torch.device("cpu"), 300, 64, 32)["SEGMENTED"] == 1
+    rows[1]["split16_positions"] = 1.0  # positions wins the second bucket
+    assert (
+        tune_triton.build_table(rows, candidates, "test GPU")["_choices"]["T<=20 r<=16"]
+        == "split16_positions"
+    )

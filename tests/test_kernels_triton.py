@@ -54,7 +54,13 @@ def magnitude(c):
     return float(expected(c).abs().max()) if c["x"].shape[0] else 0.0
 
 
-def run_delta(c, out, fused, x=None, batch=None, ranks="case"):
+def small(segmented: bool) -> dict:
+    """SMALL with every kernel in segments mode (one program per block of one slot's segment) or
+    positions mode (one program per block of the slot-sorted order, walking its slots)."""
+    return {name: dict(config, SEGMENTED=int(segmented)) for name, config in SMALL.items()}
+
+
+def run_delta(c, out, fused, x=None, batch=None, ranks="case", segmented=False):
     """kernels.lora_delta_ on a random case with the small test configs (x/batch/ranks overridable)."""
     batch = c["batch"] if batch is None else batch
     kernels.lora_delta_(
@@ -67,18 +73,20 @@ def run_delta(c, out, fused, x=None, batch=None, ranks="case"):
         c["ranks"] if ranks == "case" else ranks,
         out,
         fused=fused,
-        configs=SMALL,
+        configs=small(segmented),
+        segments=(batch.segment_starts, batch.segment_lengths),
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
-def test_delta_kernels_match_reference(dtype, shape, fused):
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_delta_kernels_match_reference(dtype, shape, fused, segmented):
     c = random_case(*shape, dtype=dtype, device=DEVICE)
     start = (torch.randn(shape[0], shape[3], device=DEVICE) * 3).to(dtype)
     out = start.clone()
-    run_delta(c, out, fused)
+    run_delta(c, out, fused, segmented=segmented)
     assert_close(out, expected(c, start), dtype, magnitude=magnitude(c) + 3)
     untouched = c["ids"] < 0
     assert torch.equal(out[untouched], start[untouched])
@@ -100,10 +108,15 @@ def test_public_ops_on_the_triton_backend(dtype):
     assert_close(t, expected_t, torch.float32 if dtype == torch.float32 else dtype)
 
 
-def test_shrink_owns_nothing_past_the_rank_and_expand_never_reads_it():
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_shrink_owns_nothing_past_the_rank_and_expand_never_reads_it(segmented):
     c = random_case(40, 4, 48, 24, 16, dtype=torch.float32, device=DEVICE)
     b = c["batch"]
-    t = kernels.lora_shrink(c["x"], c["A"], b.token_order, b.token_slots, c["ranks"], config=SMALL["shrink"])
+    segments = (b.segment_starts, b.segment_lengths)
+    configs = small(segmented)
+    t = kernels.lora_shrink(
+        c["x"], c["A"], b.token_order, b.token_slots, c["ranks"], configs["shrink"], segments
+    )
     k = torch.where(c["ids"] >= 0, c["ranks"][c["ids"].clamp(min=0)], 0)
     beyond = torch.arange(16, device=DEVICE)[None, :] >= k[:, None]
     assert (t[beyond] == 0).all()
@@ -112,7 +125,7 @@ def test_shrink_owns_nothing_past_the_rank_and_expand_never_reads_it():
         c["B"][slot, :, rank:] = float("nan")
     out = torch.zeros(40, 24, device=DEVICE)
     kernels.lora_expand_(
-        t, c["B"], b.token_order, b.token_slots, c["scales"], c["ranks"], out, SMALL["expand"]
+        t, c["B"], b.token_order, b.token_slots, c["scales"], c["ranks"], out, configs["expand"], segments
     )
     c["B"] = c["B"].nan_to_num(0.0)
     assert_close(out, expected(c), torch.float32)
@@ -130,24 +143,26 @@ def test_weights_past_the_rank_are_never_read_by_the_fused_kernel():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
-def test_edge_batches(fused):
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_edge_batches(fused, segmented):
     empty = random_case(0, 2, 16, 16, 4, dtype=torch.float32, device=DEVICE)
     none = random_case(20, 3, 16, 24, 4, dtype=torch.float32, device=DEVICE, ids=torch.full((20,), -1))
     for c in (empty, none):
         out = torch.randn(c["x"].shape[0], c["B"].shape[1], device=DEVICE)
         start = out.clone()
-        run_delta(c, out, fused, ranks=None)
+        run_delta(c, out, fused, ranks=None, segmented=segmented)
         assert torch.equal(out, start)
 
 
-def test_results_are_bitwise_repeatable_and_order_independent():
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_results_are_bitwise_repeatable_and_order_independent(segmented):
     c = random_case(64, 5, 64, 48, 16, dtype=torch.bfloat16, device=DEVICE)
     order = torch.randperm(64, device=DEVICE)
     shuffled = lora_fast.AdapterBatch(c["ids"][order], 5)
     runs = []
     for batch, x in ((c["batch"], c["x"]), (c["batch"], c["x"]), (shuffled, c["x"][order])):
         out = torch.zeros(64, 48, dtype=torch.bfloat16, device=DEVICE)
-        run_delta(c, out, False, x=x, batch=batch)
+        run_delta(c, out, False, x=x, batch=batch, segmented=segmented)
         runs.append(out)
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0][order], runs[2])
