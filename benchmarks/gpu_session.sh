@@ -4,6 +4,7 @@
 # it is one call of under 10 minutes:
 #
 #   bash benchmarks/gpu_session.sh all         # everything below, ending (packed) within 570 s
+#   BUDGET_S=450 bash benchmarks/gpu_session.sh tune   # the same, with the Triton table tuned first
 #
 # or, where more device time is lent, the same work in three calls of up to 10 minutes each:
 #
@@ -29,7 +30,7 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-phase=${1:?usage: gpu_session.sh all|prepare|ops|train-peft}
+phase=${1:?usage: gpu_session.sh all|tune|prepare|ops|train-peft}
 
 DEADLINE=$(($(date +%s) + ${BUDGET_S:-570}))  # the phase ends (packed) inside the device call
 
@@ -71,7 +72,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
     # kernels, backward, subspace, fused linear); several workers overlap Triton's compiles
     local workers=""
     if $PY -c "import xdist" 2>/dev/null; then workers="-n 8"; fi
-    step gpu-tests "$2" $PY -m pytest -q $workers --maxfail=20 --durations=10 \
+    step gpu-tests "$2" $PY -m pytest -q $workers --maxfail=20 --durations=10 -k "${GPU_TESTS_FILTER:-}" \
         tests/test_ops_gpu.py tests/test_kernels_triton.py tests/test_backward.py \
         tests/test_ops_subspace.py tests/test_fused_linear.py tests/test_ops_validation.py \
         tests/test_bench.py::test_peft_benchmark_on_cuda_captures_the_accelerated_forward
@@ -85,6 +86,17 @@ all)
     build_and_test 150 100
     step ops 170 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
     step train 50 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"
+    step peft 130 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
+    ;;
+tune)
+    # the Triton config table measured on this card (benchmarks/tune_triton.py), then the sweeps
+    # with it, a host profile: limits 120 + 20 + 60 + 110 + 110 + 40 + 40 + 130, cut to the deadline
+    GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 60
+    step tune 110 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
+    cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
+    step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
+    step train 40 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"
+    step profile 40 $PY -m benchmarks.profile_host --device "$DEVICE" $QUICK
     step peft 130 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
 prepare)
@@ -101,7 +113,7 @@ train-peft)
     step peft 280 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
 *)
-    echo "unknown phase $phase: all | prepare | ops | train-peft" >&2
+    echo "unknown phase $phase: all | tune | prepare | ops | train-peft" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,259 @@
+"""Measure candidate launch configurations on this GPU and write its config table.
+
+    python -m benchmarks.tune_triton                  # bf16, D=4096, the bench_lora_ops shapes
+    python -m benchmarks.tune_triton --quick          # two shapes, two candidates (smoke test)
+
+The Triton kernels never autotune in the hot path: they read a table (kernels/configs/<GPU>.json,
+else default.json) keyed by token count, rank and d. This script times every candidate of a
+small fixed list on the op sweep's shapes (each candidate is a whole table: fused delta or not,
+the grid mode, the shrink's and the expand's blocks), with the same timer as bench_lora_ops
+(CUDA-graph replay, L2 flushed, median), and builds the table bucket by bucket: for each token
+count T of the sweep and each rank r, the candidate with the lowest geometric mean of
+time / best-time over that bucket's shapes (adapter counts, token orders). It writes the table
+to kernels/configs/<GPU>.json (or --table) and every measurement beside the benchmark results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_lora_ops, common
+
+# Blocks for a few tokens: 16 rows (tl.dot's minimum), split-K wide over d_in.
+_DECODE_SHRINK = {
+    "BLOCK_M": 16,
+    "BLOCK_K": 128,
+    "SPLIT_K": 16,
+    "MAX_BLOCK_R": 64,
+    "num_warps": 4,
+    "num_stages": 2,
+}
+_DECODE_EXPAND = {"BLOCK_M": 16, "BLOCK_N": 128, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
+_FUSED = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
+_PREFILL_SHRINK = {
+    "BLOCK_M": 64,
+    "BLOCK_K": 64,
+    "SPLIT_K": 1,
+    "MAX_BLOCK_R": 64,
+    "num_warps": 4,
+    "num_stages": 3,
+}
+_PREFILL_EXPAND = {"BLOCK_M": 64, "BLOCK_N": 128, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _candidate(fused: dict | None, shrink: dict, expand: dict, segmented: int) -> dict:
+    with_mode = {"SEGMENTED": segmented}
+    return {
+        "fused": None if fused is None else fused | with_mode,
+        "shrink": shrink | with_mode,
+        "expand": expand | with_mode,
+    }
+
+
+DECODE_CANDIDATES = {
+    "fused_positions": _candidate(_FUSED, _DECODE_SHRINK, _DECODE_EXPAND, 0),
+    "fused_segments": _candidate(_FUSED, _DECODE_SHRINK, _DECODE_EXPAND, 1),
+    "split16_positions": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 0),
+    "split16_segments": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 1),
+    "split8_segments": _candidate(None, _DECODE_SHRINK | {"SPLIT_K": 8, "BLOCK_K": 256}, _DECODE_EXPAND, 1),
+    "split32_n64_segments": _candidate(
+        None, _DECODE_SHRINK | {"SPLIT_K": 32, "BLOCK_K": 64}, _DECODE_EXPAND | {"BLOCK_N": 64}, 1
+    ),
+}
+PREFILL_CANDIDATES = {
+    "m64_positions": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 0),
+    "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
+    "m128_positions": _candidate(
+        None,
+        _PREFILL_SHRINK | {"BLOCK_M": 128, "num_warps": 8},
+        _PREFILL_EXPAND | {"BLOCK_M": 128, "num_warps": 8},
+        0,
+    ),
+    "m64_n256_positions": _candidate(
+        None, _PREFILL_SHRINK | {"BLOCK_K": 128}, _PREFILL_EXPAND | {"BLOCK_N": 256, "num_warps": 8}, 0
+    ),
+    "m64_segments": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 1),
+}
+WEIGHT_GRAD = {
+    "BLOCK_M": 64,
+    "BLOCK_D": 128,
+    "MAX_BLOCK_R": 64,
+    "SPLIT_M": 0,
+    "num_warps": 4,
+    "num_stages": 3,
+}
+
+
+def candidate_table(candidate: dict) -> dict:
+    """A whole table holding one candidate for every shape."""
+    return {
+        kernel: [{"config": candidate[kernel]}] if candidate[kernel] is not None else []
+        for kernel in ("fused", "shrink", "expand")
+    } | {"weight_grad": [{"config": WEIGHT_GRAD}]}
+
+
+def time_candidates(
+    shapes: Sequence[dict],
+    candidates: dict[str, dict],
+    d: int,
+    dtype: torch.dtype,
+    repetitions: int,
+    workdir: Path,
+    device: str = "cuda",
+) -> list[dict]:
+    """One row per shape: the median microseconds of lora_fast.lora_delta under each candidate
+    (``device`` is for the CPU test of this code, with the timer swapped for a stand-in)."""
+    paths = {}
+    for name, candidate in candidates.items():
+        paths[name] = workdir / f"{name}.json"
+        paths[name].write_text(json.dumps(candidate_table(candidate)))
+    rows = []
+    previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
+    try:
+        for shape in shapes:
+            p = bench_lora_ops.make_problem(
+                shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
+            )
+            row = {k: shape[k] for k in ("phase", "T", "L", "r", "order")}
+            for name, path in paths.items():
+                os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
+                row[name] = None  # a candidate that fails or disagrees is never chosen
+                try:
+                    error = bench_lora_ops.check_agreement(p, "triton")
+                    if error < 0.05:
+                        row[name] = common.gpu_median_us(
+                            bench_lora_ops.lora_fast_op(p, "triton"), repetitions
+                        )
+                    else:
+                        print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
+                except Exception as err:  # noqa: BLE001 - report and go on with the others
+                    print(f"{name} failed on {shape}: {type(err).__name__}: {str(err)[:200]}")
+            timed = [n for n in paths if row[n] is not None]
+            if not timed:
+                raise RuntimeError(f"no candidate ran on {shape}")
+            best = min(timed, key=lambda n: row[n])
+            row["best"] = best
+            rows.append(row)
+            common.record_row(row)
+            print(
+                f"{shape['phase']:7s} T={shape['T']:5d} L={shape['L']:2d} r={shape['r']:2d} "
+                f"{shape['order']:12s} best {best:22s} {row[best]:8.1f} us  "
+                + " ".join(f"{n}={row[n]:.1f}" for n in timed),
+                flush=True,
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("LORA_FAST_TRITON_CONFIG", None)
+        else:
+            os.environ["LORA_FAST_TRITON_CONFIG"] = previous
+    return rows
+
+
+def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
+    """The candidate with the lowest geometric mean of time / best time over ``rows``."""
+
+    def score(name: str) -> float:
+        if any(row[name] is None for row in rows):
+            return math.inf
+        best = [min(row[n] for n in names if row[n] is not None) for row in rows]
+        return math.fsum(math.log(row[name] / b) for row, b in zip(rows, best, strict=True)) / len(rows)
+
+    return min(names, key=score)
+
+
+def build_table(rows: Sequence[dict], candidates: dict[str, dict], gpu: str) -> dict:
+    """Entries per (T bucket, rank bucket), ascending, the last of each open-ended."""
+    token_buckets = sorted({row["T"] for row in rows})
+    table: dict = {
+        "_note": f"Measured by benchmarks/tune_triton.py on {gpu} (bf16, d=4096); each bucket holds "
+        "the candidate with the lowest geometric-mean time ratio over its shapes.",
+        "fused": [],
+        "shrink": [],
+        "expand": [],
+        "weight_grad": [{"config": WEIGHT_GRAD}],
+    }
+    choices = {}
+    for i, T in enumerate(token_buckets):
+        in_bucket = [row for row in rows if row["T"] == T]
+        rank_buckets = sorted({row["r"] for row in in_bucket})
+        for j, r in enumerate(rank_buckets):
+            names = [n for n in candidates if all(n in row for row in in_bucket)]
+            name = choose([row for row in in_bucket if row["r"] == r], names)
+            choices[f"T<={T} r<={r}"] = name
+            when = {}
+            if i < len(token_buckets) - 1:
+                when["max_tokens"] = T
+            if j < len(rank_buckets) - 1:
+                when["max_rank"] = r
+            for kernel in ("fused", "shrink", "expand"):
+                table[kernel].append({"when": when, "config": candidates[name][kernel]})
+    table["_choices"] = choices
+    return table
+
+
+def sweep_shapes(quick: bool) -> tuple[list[dict], list[dict]]:
+    """(decode shapes, prefill shapes) of bench_lora_ops, the mixed-rank cases left out."""
+    shapes = [s for s in bench_lora_ops.gpu_shapes(quick) if not s["mixed"]]
+    return [s for s in shapes if s["phase"] == "decode"], [s for s in shapes if s["phase"] == "prefill"]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--repetitions", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="two shapes, two candidates each")
+    parser.add_argument("--table", default=None, help="where to write the table (default: this GPU's file)")
+    parser.add_argument("--out-dir", default=None, help="where to write the measurements")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_triton needs a CUDA device")
+    from lora_fast.kernels import configs
+
+    info = common.machine()
+    decode, prefill = sweep_shapes(args.quick)
+    decode_candidates, prefill_candidates = DECODE_CANDIDATES, PREFILL_CANDIDATES
+    d = args.d
+    if args.quick:
+        decode_candidates = dict(list(DECODE_CANDIDATES.items())[2:4])
+        prefill_candidates = dict(list(PREFILL_CANDIDATES.items())[:2])
+        d = 512
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = time_candidates(decode, decode_candidates, d, torch.bfloat16, args.repetitions, Path(workdir))
+        rows += time_candidates(
+            prefill, prefill_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
+        )
+    table = build_table(rows, decode_candidates | prefill_candidates, info["gpu"])
+    table_path = (
+        Path(args.table)
+        if args.table
+        else configs.CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
+    )
+    table_path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"\nwrote {table_path}: " + json.dumps(table["_choices"], indent=1))
+    columns = ["phase", "T", "L", "r", "order", *decode_candidates, *prefill_candidates, "best"]
+    markdown = common.markdown_table(rows, columns)
+    stem = f"tune_triton_{common.slug(info['gpu'])}" + ("_quick" if args.quick else "")
+    payload = {
+        "benchmark": "tune_triton",
+        "machine": info,
+        "config": vars(args),
+        "rows": rows,
+        "table": table,
+    }
+    paths = common.write_results(stem, payload, markdown, args.out_dir)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return table
+
+
+if __name__ == "__main__":
+    main()
