@@ -28,6 +28,7 @@ from benchmarks import common
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "h100_lora_forward_anchors.csv"
+ANCHOR_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the CSV's names, ours
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +342,14 @@ def reference_anchors() -> dict:
         return {}
     with REFERENCE_CSV.open() as handle:
         return {
-            (row["phase"], row["dtype"], int(row["T"]), int(row["L"]), int(row["r"]), row["order"]): row
+            (
+                row["phase"],
+                ANCHOR_DTYPES[row["dtype"]],
+                int(row["T"]),
+                int(row["L"]),
+                int(row["r"]),
+                row["order"],
+            ): row
             for row in csv.DictReader(handle)
         }
 

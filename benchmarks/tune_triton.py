@@ -27,6 +27,8 @@ import torch
 
 from benchmarks import bench_lora_ops, common
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "kernels" / "configs"
+
 # Blocks for a few tokens: 16 rows (tl.dot's minimum), split-K wide over d_in.
 _DECODE_SHRINK = {
     "BLOCK_M": 16,
@@ -37,7 +39,6 @@ _DECODE_SHRINK = {
     "num_stages": 2,
 }
 _DECODE_EXPAND = {"BLOCK_M": 16, "BLOCK_N": 128, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
-_FUSED = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
 _PREFILL_SHRINK = {
     "BLOCK_M": 64,
     "BLOCK_K": 64,
@@ -58,29 +59,44 @@ def _candidate(fused: dict | None, shrink: dict, expand: dict, segmented: int) -
     }
 
 
+# The fused one-launch delta (positions or segments grid) and a 32-way split with 64-wide expand
+# blocks were also candidates; on an H200 they never won a decode shape (the fused kernel took 2x
+# to 10x the split path's time: benchmarks/results/tune_triton_nvidia-h200.md), so they are no
+# longer timed.
 DECODE_CANDIDATES = {
-    "fused_positions": _candidate(_FUSED, _DECODE_SHRINK, _DECODE_EXPAND, 0),
-    "fused_segments": _candidate(_FUSED, _DECODE_SHRINK, _DECODE_EXPAND, 1),
     "split16_positions": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 0),
     "split16_segments": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 1),
     "split8_segments": _candidate(None, _DECODE_SHRINK | {"SPLIT_K": 8, "BLOCK_K": 256}, _DECODE_EXPAND, 1),
+}
+_FUSED_RETIRED = {
+    "BLOCK_M": 16,
+    "BLOCK_N": 128,
+    "BLOCK_K": 256,
+    "MAX_BLOCK_R": 64,
+    "num_warps": 4,
+    "num_stages": 2,
+}
+# candidates of earlier runs, no longer timed, so that their rows can still build a table
+RETIRED_CANDIDATES = {
+    "fused_positions": _candidate(_FUSED_RETIRED, _DECODE_SHRINK, _DECODE_EXPAND, 0),
+    "fused_segments": _candidate(_FUSED_RETIRED, _DECODE_SHRINK, _DECODE_EXPAND, 1),
     "split32_n64_segments": _candidate(
         None, _DECODE_SHRINK | {"SPLIT_K": 32, "BLOCK_K": 64}, _DECODE_EXPAND | {"BLOCK_N": 64}, 1
     ),
-}
-PREFILL_CANDIDATES = {
-    "m64_positions": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 0),
-    "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
     "m128_positions": _candidate(
         None,
         _PREFILL_SHRINK | {"BLOCK_M": 128, "num_warps": 8},
         _PREFILL_EXPAND | {"BLOCK_M": 128, "num_warps": 8},
         0,
     ),
+    "m64_segments": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 1),
+}
+PREFILL_CANDIDATES = {
+    "m64_positions": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 0),
+    "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
     "m64_n256_positions": _candidate(
         None, _PREFILL_SHRINK | {"BLOCK_K": 128}, _PREFILL_EXPAND | {"BLOCK_N": 256, "num_warps": 8}, 0
     ),
-    "m64_segments": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 1),
 }
 WEIGHT_GRAD = {
     "BLOCK_M": 64,
@@ -169,32 +185,45 @@ def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
     return min(names, key=score)
 
 
-def build_table(rows: Sequence[dict], candidates: dict[str, dict], gpu: str) -> dict:
-    """Entries per (T bucket, rank bucket), ascending, the last of each open-ended."""
+def build_table(
+    rows: Sequence[dict], candidates: dict[str, dict], gpu: str, tail: dict | None = None
+) -> dict:
+    """Entries per measured (T bucket, rank bucket), ascending; then, for token counts above the
+    largest measured, the entries of ``tail`` (a table, default.json by default) that reach them."""
+    if tail is None:
+        tail = json.loads((CONFIG_DIR / "default.json").read_text())
     token_buckets = sorted({row["T"] for row in rows})
     table: dict = {
-        "_note": f"Measured by benchmarks/tune_triton.py on {gpu} (bf16, d=4096); each bucket holds "
-        "the candidate with the lowest geometric-mean time ratio over its shapes.",
+        "_note": f"Measured by benchmarks/tune_triton.py on {gpu} (bf16, d=4096) up to "
+        f"T={token_buckets[-1]}; each bucket holds the candidate with the lowest geometric-mean time "
+        "ratio over its shapes. Above that, default.json's entries.",
         "fused": [],
         "shrink": [],
         "expand": [],
-        "weight_grad": [{"config": WEIGHT_GRAD}],
+        "weight_grad": tail.get("weight_grad", [{"config": WEIGHT_GRAD}]),
     }
     choices = {}
-    for i, T in enumerate(token_buckets):
+    for T in token_buckets:
         in_bucket = [row for row in rows if row["T"] == T]
         rank_buckets = sorted({row["r"] for row in in_bucket})
+        names = [n for n in candidates if all(n in row for row in in_bucket)]
         for j, r in enumerate(rank_buckets):
-            names = [n for n in candidates if all(n in row for row in in_bucket)]
             name = choose([row for row in in_bucket if row["r"] == r], names)
             choices[f"T<={T} r<={r}"] = name
-            when = {}
-            if i < len(token_buckets) - 1:
-                when["max_tokens"] = T
+            when = {"max_tokens": T}
             if j < len(rank_buckets) - 1:
                 when["max_rank"] = r
             for kernel in ("fused", "shrink", "expand"):
                 table[kernel].append({"when": when, "config": candidates[name][kernel]})
+    for kernel in ("fused", "shrink", "expand"):
+        table[kernel] += [
+            entry
+            for entry in tail.get(kernel, [])
+            if entry.get("when", {}).get("max_tokens", math.inf) > token_buckets[-1]
+        ]
+        if not any(not entry.get("when", {}).get("max_tokens") for entry in table[kernel]):
+            if kernel != "fused":  # every shape needs a shrink and an expand
+                table[kernel].append({"config": table[kernel][-1]["config"]})
     table["_choices"] = choices
     return table
 
@@ -214,7 +243,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="two shapes, two candidates each")
     parser.add_argument("--table", default=None, help="where to write the table (default: this GPU's file)")
     parser.add_argument("--out-dir", default=None, help="where to write the measurements")
+    parser.add_argument(
+        "--from-rows",
+        default=None,
+        help="build the table from an earlier run's rows (its .json, or the .rows.jsonl of a run cut "
+        "short) instead of measuring; needs --gpu and --table",
+    )
+    parser.add_argument("--gpu", default=None, help="with --from-rows: the card the rows were measured on")
     args = parser.parse_args(argv)
+    candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES
+    if args.from_rows:
+        text = Path(args.from_rows).read_text()
+        if args.from_rows.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)["rows"]
+        return write_table(rows, candidates | RETIRED_CANDIDATES, args.gpu, Path(args.table))
     if not torch.cuda.is_available():
         raise SystemExit("tune_triton needs a CUDA device")
     from lora_fast.kernels import configs
@@ -224,22 +268,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     decode_candidates, prefill_candidates = DECODE_CANDIDATES, PREFILL_CANDIDATES
     d = args.d
     if args.quick:
-        decode_candidates = dict(list(DECODE_CANDIDATES.items())[2:4])
+        decode_candidates = dict(list(DECODE_CANDIDATES.items())[:2])
         prefill_candidates = dict(list(PREFILL_CANDIDATES.items())[:2])
         d = 512
-    with tempfile.TemporaryDirectory() as workdir:
-        rows = time_candidates(decode, decode_candidates, d, torch.bfloat16, args.repetitions, Path(workdir))
-        rows += time_candidates(
-            prefill, prefill_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
-        )
-    table = build_table(rows, decode_candidates | prefill_candidates, info["gpu"])
     table_path = (
-        Path(args.table)
-        if args.table
-        else configs.CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
+        Path(args.table) if args.table else CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
     )
-    table_path.write_text(json.dumps(table, indent=1) + "\n")
-    print(f"\nwrote {table_path}: " + json.dumps(table["_choices"], indent=1))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        # the table is written after each phase, so a run cut short still leaves the decode rows'
+        for shapes, phase_candidates in ((decode, decode_candidates), (prefill, prefill_candidates)):
+            rows += time_candidates(
+                shapes, phase_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
+            )
+            table = write_table(rows, decode_candidates | prefill_candidates, info["gpu"], table_path)
     columns = ["phase", "T", "L", "r", "order", *decode_candidates, *prefill_candidates, "best"]
     markdown = common.markdown_table(rows, columns)
     stem = f"tune_triton_{common.slug(info['gpu'])}" + ("_quick" if args.quick else "")
@@ -252,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     paths = common.write_results(stem, payload, markdown, args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
+    return table
+
+
+def write_table(rows: Sequence[dict], candidates: dict[str, dict], gpu: str, path: Path) -> dict:
+    table = build_table(rows, candidates, gpu)
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"\nwrote {path}: " + json.dumps(table["_choices"], indent=1), flush=True)
     return table
 
 

@@ -36,16 +36,29 @@ def _table(path: str) -> dict:
 
 
 def table_path(device: torch.device) -> Path:
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
-    specific = CONFIG_DIR / f"{device_key(device)}.json"
+    return _table_path(os.environ.get(ENV_VAR, ""), device.type, device.index)
+
+
+@functools.cache
+def _table_path(override: str, device_type: str, index: int | None) -> Path:
+    # cached: every launch looks its table up, and naming the GPU and testing for its file cost
+    # more host time than the rest of a decode launch's Python
+    if override:
+        return Path(override)
+    specific = CONFIG_DIR / f"{device_key(torch.device(device_type, index))}.json"
     return specific if specific.is_file() else CONFIG_DIR / "default.json"
 
 
 def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict | None:
     """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d (None: the
     table says not to use this kernel there)."""
-    entries = _table(str(table_path(device)))[kernel]
+    config = _lookup(table_path(device), kernel, num_tokens, rank, d)
+    return None if config is None else dict(config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(path: Path, kernel: str, num_tokens: int, rank: int, d: int) -> dict | None:
+    entries = _table(str(path))[kernel]
     for entry in entries:
         when = entry.get("when", {})
         if (
@@ -53,5 +66,5 @@ def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int
             and rank <= when.get("max_rank", rank)
             and d <= when.get("max_d", d)
         ):
-            return None if entry["config"] is None else dict(entry["config"])
-    raise ValueError(f"{table_path(device)}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")
+            return entry["config"]
+    raise ValueError(f"{path}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")

@@ -204,15 +204,32 @@ def test_tuner_times_every_candidate_and_builds_a_bucketed_table(monkeypatch, tm
     assert [row["best"] for row in rows] == ["split16_segments"] * 2
     table = tune_triton.build_table(rows, candidates, "test GPU")
     assert table["_choices"] == {"T<=5 r<=8": "split16_segments", "T<=20 r<=16": "split16_segments"}
-    assert table["shrink"][0]["when"] == {"max_tokens": 5} and table["shrink"][-1]["when"] == {}
+    assert table["shrink"][0]["when"] == {"max_tokens": 5} and table["shrink"][1]["when"] == {
+        "max_tokens": 20
+    }
+    assert "max_tokens" not in table["shrink"][-1].get("when", {})  # default.json's rows above T=20
     assert table["fused"][0]["config"] is None  # the split path: no fused launch
     path = tmp_path / "table.json"
     path.write_text(json.dumps(table))
     monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
     assert configs.lookup("fused", torch.device("cpu"), 3, 8, 32) is None
-    assert configs.lookup("shrink", torch.device("cpu"), 300, 64, 32)["SEGMENTED"] == 1
+    assert configs.lookup("shrink", torch.device("cpu"), 20, 64, 32)["SEGMENTED"] == 1
+    assert configs.lookup("shrink", torch.device("cpu"), 300, 64, 32)["SEGMENTED"] == 0  # default.json
     rows[1]["split16_positions"] = 1.0  # positions wins the second bucket
     assert (
         tune_triton.build_table(rows, candidates, "test GPU")["_choices"]["T<=20 r<=16"]
         == "split16_positions"
     )
+
+
+def test_reference_anchors_are_keyed_like_the_sweep_rows():
+    """The H100 vLLM numbers must be found for the sweep's shapes (a key mismatch once left the
+    comparison column empty on a GPU run)."""
+    anchors = bench_lora_ops.reference_anchors()
+    shapes = bench_lora_ops.gpu_shapes(quick=False)
+    found = [
+        (s["phase"], "bfloat16", s["T"], s["L"], s["r"], s["order"]) in anchors
+        for s in shapes
+        if not s["mixed"]
+    ]
+    assert all(found) and len(found) > 50

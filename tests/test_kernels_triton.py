@@ -192,8 +192,27 @@ def test_config_table_lookup():
         for T in (1, 64, 5000, 10**6):
             config = configs.lookup(kernel, device, T, 16, 4096)
             assert config["BLOCK_M"] >= 16 and config["MAX_BLOCK_R"] >= 16
-    default = configs._table(str(configs.CONFIG_DIR / "default.json"))
-    assert default["fused"][0]["when"]["max_tokens"] >= 1
+
+
+@pytest.mark.parametrize("table", ["default", "NVIDIA_H200", "interpreter"])
+def test_every_shipped_table_covers_every_shape(table, monkeypatch):
+    """Each GPU table answers every (T, r, d) for shrink, expand and weight_grad with a config
+    the launchers take, and the fused kernel with a config or None."""
+    from lora_fast.kernels import configs
+
+    monkeypatch.setenv(configs.ENV_VAR, str(configs.CONFIG_DIR / f"{table}.json"))
+    device = torch.device("cpu")
+    for T in (1, 2, 16, 17, 64, 65, 256, 257, 1024, 1025, 4096, 5000, 10**6):
+        for r in (1, 8, 9, 16, 64, 65, 256):
+            for kernel in ("shrink", "expand", "weight_grad"):
+                config = configs.lookup(kernel, device, T, r, 4096)
+                assert config["BLOCK_M"] >= 16 and config["MAX_BLOCK_R"] >= 16
+                assert config.get("SEGMENTED", 0) in (0, 1)
+            try:
+                fused = configs.lookup("fused", device, T, r, 4096)
+            except ValueError:  # no fused row reaches T: shrink + expand
+                fused = None
+            assert fused is None or fused["BLOCK_M"] >= 16
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
