@@ -85,6 +85,7 @@ def test_quick_peft_benchmark(tmp_path):
     for row in rows:
         if row["phase"] == "generate":
             assert row["same_tokens_as_peft"]
+            assert row["same_sequences_fraction"] == 1.0 and row["same_first_token_fraction"] == 1.0
         else:
             assert row["max_rel_logit_error_vs_peft"] < 1e-4
         assert row["adapter_mb"] > 0 and row["adapter_read_floor"] > 1.0
