@@ -338,6 +338,37 @@ def _eager_direct(*tensors: Tensor) -> bool:
 _PARAMETER = torch.nn.Parameter  # a plain tensor to the kernels (no torch-function override)
 
 
+def _eager_plain(*tensors: Tensor) -> bool:
+    """True when autograd is wanted but nothing else needs the custom op: no tracing, no dispatch
+    mode, plain tensors or nn.Parameters. Such calls take _DeltaFunction, a plain autograd
+    Function over the same implementations (one dispatcher round trip less each way)."""
+    if torch.compiler.is_compiling() or _dispatch_mode_active():
+        return False
+    return all((type(t) is torch.Tensor or type(t) is _PARAMETER) and not t.is_meta for t in tensors)
+
+
+class _DeltaFunction(torch.autograd.Function):
+    """lora_delta's autograd in eager mode: the custom op's forward and backward implementations
+    called directly. On a GPU the custom op's dispatch and autograd wrapping cost more host time
+    per training step than the kernels (benchmarks/results/gpu_2026-11-26.md); torch.compile and
+    dispatch modes still see the custom op."""
+
+    @staticmethod
+    def forward(
+        ctx, x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots
+    ):
+        metadata = (token_slots, token_order, segment_starts, segment_lengths)
+        ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots)
+        return _delta_functional_impl(x, A, B, *metadata, scales, ranks, grad_slots)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, *metadata, scales, ranks, grad_slots = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        grads = _delta_backward_impl(grad_out, x, A, B, *metadata, scales, ranks, grad_slots, *needs)
+        return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7)
+
+
 def _dispatch_mode_active() -> bool:
     return _DISPATCH_STACK_DEPTH is None or _DISPATCH_STACK_DEPTH() > 0
 
@@ -439,8 +470,12 @@ def lora_delta(
     if check_args:
         _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots)
     if out is None or _needs_grad(x, A, B, out):
-        direct = _eager_direct(x, A, B)
-        op = _delta_functional_impl if direct else torch.ops.lora_fast.lora_delta
+        if _eager_direct(x, A, B):
+            op = _delta_functional_impl
+        elif _eager_plain(x, A, B):
+            op = _DeltaFunction.apply
+        else:
+            op = torch.ops.lora_fast.lora_delta
         delta = op(x, A, B, *batch.metadata, scales, ranks, grad_slots)
         # autograd tracks an out-of-place delta; adding it keeps out's own history intact
         return delta if out is None else out.add_(delta)

@@ -217,3 +217,27 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
     )
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eager_autograd_function_and_custom_op_give_the_same_gradients(backend):
+    """Eager training goes through a plain autograd.Function (less host time per step); the
+    custom op (what torch.compile and dispatch modes see) must give the same results."""
+    c = random_case(40, 3, 24, 20, 8, none_fraction=0.2)
+    grad_out = torch.randn(40, 20, dtype=torch.float64)
+    grad_slots = torch.tensor([True, False, True])
+    results = []
+    for use_op in (False, True):
+        x, A, B = (c[k].detach().clone().requires_grad_() for k in ("x", "A", "B"))
+        with lora_fast.use_backend(backend):
+            if use_op:
+                y = torch.ops.lora_fast.lora_delta(
+                    x, A, B, *c["batch"].metadata, c["scales"], c["ranks"], grad_slots
+                )
+            else:
+                y = lora_fast.lora_delta(x, A, B, c["batch"], c["scales"], c["ranks"], grad_slots=grad_slots)
+                assert "DeltaFunction" in type(y.grad_fn).__name__
+            y.backward(grad_out)
+        results.append((y.detach(), x.grad, A.grad, B.grad))
+    for eager, op in zip(*results, strict=True):
+        torch.testing.assert_close(eager, op, rtol=0, atol=0)
