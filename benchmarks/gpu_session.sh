@@ -90,9 +90,9 @@ all)
     ;;
 tune)
     # the Triton config table measured on this card (benchmarks/tune_triton.py), then the sweeps
-    # with it, a host profile: limits 120 + 20 + 60 + 110 + 110 + 40 + 40 + 130, cut to the deadline
+    # with it, a host profile: limits 120 + 20 + 60 + 150 + 110 + 40 + 40 + 130, cut to the deadline
     GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 60
-    step tune 110 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
+    step tune 150 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
     step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
     step train 40 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"

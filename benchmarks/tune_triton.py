@@ -67,6 +67,11 @@ DECODE_CANDIDATES = {
     "split16_positions": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 0),
     "split16_segments": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 1),
     "split8_segments": _candidate(None, _DECODE_SHRINK | {"SPLIT_K": 8, "BLOCK_K": 256}, _DECODE_EXPAND, 1),
+    # rank passes of 16 columns: a rank-8 slot beside rank-64 ones does one pass, not a 64-wide one
+    # (mixed ranks ran slower than uniform rank 64 with 64-wide passes on the H100)
+    "split16_segments_r16": _candidate(
+        None, _DECODE_SHRINK | {"MAX_BLOCK_R": 16}, _DECODE_EXPAND | {"MAX_BLOCK_R": 16}, 1
+    ),
 }
 _FUSED_RETIRED = {
     "BLOCK_M": 16,
@@ -96,6 +101,12 @@ PREFILL_CANDIDATES = {
     "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
     "m64_n256_positions": _candidate(
         None, _PREFILL_SHRINK | {"BLOCK_K": 128}, _PREFILL_EXPAND | {"BLOCK_N": 256, "num_warps": 8}, 0
+    ),
+    "m64_split2_r16_positions": _candidate(
+        None,
+        _PREFILL_SHRINK | {"SPLIT_K": 2, "MAX_BLOCK_R": 16},
+        _PREFILL_EXPAND | {"MAX_BLOCK_R": 16},
+        0,
     ),
 }
 WEIGHT_GRAD = {
@@ -138,7 +149,8 @@ def time_candidates(
             p = bench_lora_ops.make_problem(
                 shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
             )
-            row = {k: shape[k] for k in ("phase", "T", "L", "r", "order")}
+            row = {k: shape[k] for k in ("phase", "T", "L", "r")}
+            row["order"] = shape["order"] + ("+mixed_ranks" if shape["mixed"] else "")
             for name, path in paths.items():
                 os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
                 row[name] = None  # a candidate that fails or disagrees is never chosen
@@ -229,8 +241,9 @@ def build_table(
 
 
 def sweep_shapes(quick: bool) -> tuple[list[dict], list[dict]]:
-    """(decode shapes, prefill shapes) of bench_lora_ops, the mixed-rank cases left out."""
-    shapes = [s for s in bench_lora_ops.gpu_shapes(quick) if not s["mixed"]]
+    """(decode shapes, prefill shapes) of bench_lora_ops, the mixed-rank cases included (they
+    count in their T and r_max bucket like any other shape)."""
+    shapes = list(bench_lora_ops.gpu_shapes(quick))
     return [s for s in shapes if s["phase"] == "decode"], [s for s in shapes if s["phase"] == "prefill"]
 
 

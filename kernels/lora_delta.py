@@ -195,9 +195,9 @@ def lora_delta_(
     if fused is None:
         fused_config = configs.get("fused") or _fused_config(x.device, num_tokens, r_max, d_in)
         fused = fused_config is not None
-    else:
-        fused_config = configs.get("fused") or lookup("fused", x.device, 1, r_max, d_in)
-        fused = fused and fused_config is not None
+    elif fused:
+        fused_config = configs.get("fused") or _fused_config(x.device, 1, r_max, d_in)
+        fused = fused_config is not None
     if fused:
         lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config, segments)
         return
