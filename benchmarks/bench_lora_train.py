@@ -130,6 +130,14 @@ def measure(
     return common.median_us(fn, min_run_time)
 
 
+def graph_us(fn: Callable[[], object] | None, repetitions: int) -> float | None:
+    if fn is None:
+        return None
+    captured: list[bool] = []
+    time = common.gpu_median_us(fn, repetitions, graph=True, captured=captured)
+    return time if captured[0] else None
+
+
 def run_sweep(
     device: str,
     T: int,
@@ -139,20 +147,35 @@ def run_sweep(
     dtype: torch.dtype,
     min_run_time: float,
     repetitions: int,
+    graphs: bool | None = None,
 ) -> list[dict]:
+    """One row per (L, r). ``graphs`` (default: on CUDA) adds each step replayed from a CUDA graph."""
+    graphs = device == "cuda" if graphs is None else graphs
     rows = []
     for L in adapters:
         for r in ranks:
             p = make_problem(T, L, d, r, dtype, device)
             error = check_gradients(p)
-            times = {
-                "lora_fast_us": measure(lora_fast_step(p), device, min_run_time, repetitions),
-                "torch_loop_us": measure(torch_loop_step(p), device, min_run_time, repetitions),
-                "grouped_mm_us": measure(grouped_mm_step(p), device, min_run_time, repetitions),
-                "single_adapter_us": measure(
-                    lora_fast_step(single_adapter(p)), device, min_run_time, repetitions
-                ),
+            steps = {
+                "lora_fast": lora_fast_step(p),
+                "torch_loop": torch_loop_step(p),
+                "grouped_mm": grouped_mm_step(p),
             }
+            times = {
+                f"{name}_us": measure(fn, device, min_run_time, repetitions) for name, fn in steps.items()
+            }
+            times["single_adapter_us"] = measure(
+                lora_fast_step(single_adapter(p)), device, min_run_time, repetitions
+            )
+            graph = {}
+            if graphs:
+                # eager steps are bound by the host's launches; a step replayed from a CUDA graph
+                # is the GPU's own time (None where the step cannot be captured)
+                graph = {f"{name}_graph_us": graph_us(fn, repetitions) for name, fn in steps.items()}
+                fast_graph, grouped_graph = graph["lora_fast_graph_us"], graph["grouped_mm_graph_us"]
+                graph["speedup_vs_grouped_mm_graph"] = (
+                    grouped_graph / fast_graph if fast_graph and grouped_graph else None
+                )
             fast = times["lora_fast_us"]
             row = {
                 "T": T,
@@ -166,6 +189,7 @@ def run_sweep(
                 "speedup_vs_grouped_mm": times["grouped_mm_us"] / fast if times["grouped_mm_us"] else None,
                 "mixed_over_single": fast / times["single_adapter_us"],
                 "max_rel_grad_error_vs_loop": error,
+                **graph,
             }
             rows.append(row)
             common.record_row(row)
@@ -194,6 +218,12 @@ COLUMNS = [
     "speedup_vs_torch_loop",
     "speedup_vs_grouped_mm",
     "mixed_over_single",
+]
+GRAPH_COLUMNS = [
+    "lora_fast_graph_us",
+    "torch_loop_graph_us",
+    "grouped_mm_graph_us",
+    "speedup_vs_grouped_mm_graph",
 ]
 
 
@@ -229,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     where = info.get("gpu") if gpu else f"{info['cpu']}, {info['cpu_isa']}, {info['threads']} thread(s)"
     print(f"lora_fast training step on {where}: T={T}, D={d}, {dtype}")
     rows = run_sweep(args.device, T, d, args.adapters, args.ranks, dtype, args.min_run_time, args.repetitions)
-    table = common.markdown_table(rows, COLUMNS)
+    table = common.markdown_table(rows, COLUMNS + (GRAPH_COLUMNS if args.device == "cuda" else []))
     print()
     print(table)
     name = info["gpu"] if gpu else info["cpu"]

@@ -234,3 +234,22 @@ def test_reference_anchors_are_keyed_like_the_sweep_rows():
         if not s["mixed"]
     ]
     assert all(found) and len(found) > 50
+
+
+def test_training_benchmark_graph_columns(monkeypatch):
+    """The CUDA-graph columns of bench_lora_train, with the GPU timer swapped for a stand-in that
+    runs the step (and reports grouped_mm as not capturable)."""
+    from benchmarks import bench_lora_train, common
+
+    def fake_median_us(fn, repetitions, graph=True, captured=None):
+        fn()
+        if captured is not None:
+            captured.append(getattr(fn, "__qualname__", "").startswith("grouped_mm") is False)
+        return 4.0
+
+    monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    rows = bench_lora_train.run_sweep("cpu", 32, 16, [2], [4], torch.float32, 0.01, 2, graphs=True)
+    (row,) = rows
+    assert row["lora_fast_graph_us"] == 4.0 and row["torch_loop_graph_us"] == 4.0
+    if row["grouped_mm_us"] is not None:  # torch._grouped_mm runs here
+        assert row["grouped_mm_graph_us"] is None and row["speedup_vs_grouped_mm_graph"] is None
