@@ -1,10 +1,11 @@
 """Multi-adapter LoRA delta ``out[i] += scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)``.
 
-Small batches (decode) use one fused launch: each program owns (a block of slot-sorted
-positions, a block of outputs), computes the rank-k intermediate of its tokens itself and
-expands it straight into its outputs, so the intermediate never leaves registers. Every output
-block recomputes the shrink of the same tokens; for a few tokens that costs less than a second
-launch. Larger batches run the split-K shrink into float32 partial planes, then the expand.
+The split-K shrink writes float32 partial planes and the expand sums them while it reads:
+two launches. A fused one-launch variant is kept for tables that ask for it (a ``fused`` row):
+each program owns (a block of tokens, a block of outputs), computes the rank-k intermediate of
+its tokens itself and expands it straight into its outputs. Every output block then recomputes
+the shrink of the same tokens over all of d_in, and on an H200 that lost to the two launches on
+every decode shape (2x to 10x slower), so no shipped table uses it.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def lora_delta_(
 
     ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` any strides (a rank-major
     ``B``, the transpose of ``[S, r_max, d_out]``, reads coalesced along d_out); ``ranks`` int64
-    or None. ``fused`` None picks by the config table (fused up to its ``max_tokens``);
+    or None. ``fused`` None picks by the config table (a ``fused`` row that matches);
     ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters;
     ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
     """
