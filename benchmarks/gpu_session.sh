@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu_session.sh ops         # bench_lora_ops sweep (issue 3)
 #   bash benchmarks/gpu_session.sh train-peft  # bench_lora_train and bench_peft (issues 4, 5)
 #
+# Name the card kind in the device call (kind nvidia-h100-x1): a call that names none may be given
+# an H200, as the second call of 2026-11-26 was, and H100 and H200 numbers do not compare.
+#
 # Each step has its own time limit, cut to the phase's deadline (BUDGET_S, default 570 s), and a
 # failed step does not stop the next; a failed build is retried without the CUDA extension, which
 # the Triton backend does not need. Logs and results go to $WORK (default ./gpu_work): one log per
