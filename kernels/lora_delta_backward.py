@@ -12,6 +12,8 @@ columns) walks its segment in order, so they need no atomics and repeat bit for 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -158,7 +160,12 @@ def _weight_grad(
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:  # asked once per GPU, not on every backward launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def lora_delta_backward(

@@ -56,7 +56,6 @@ def compile_only() -> list[tuple[str, int]]:
 
 # both grids of the token-blocked kernels: positions of the slot-sorted order, and slot segments
 MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1})
-FUSED = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "MAX_BLOCK_R": 64, "num_warps": 4, "num_stages": 2}
 
 
 def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
@@ -67,6 +66,8 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
     backward = importlib.import_module("kernels.lora_delta_backward")
     subspace = importlib.import_module("kernels.subspace_project")
     lookup = importlib.import_module("kernels.configs").lookup
+    tune = importlib.import_module("benchmarks.tune_triton")
+    fused_config = tune.RETIRED_CANDIDATES["fused_positions"]["fused"]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for num_tokens, r_max in ((8, 16), (100, 64), (5000, 8)):
             x = torch.randn(num_tokens, d_in).to(dtype)
@@ -94,7 +95,7 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                                 )
                             }
                             # no shipped table uses the fused delta now; it stays compiled
-                            configs["fused"] = dict(FUSED, **mode)
+                            configs["fused"] = dict(fused_config, **mode)
                             delta.lora_delta_(
                                 x, A, B_, order, slots, scales, ranks_, out, fused, configs, (starts, lengths)
                             )
@@ -119,7 +120,6 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                     )
         subspace.subspace_project(torch.randn(64, 256).to(dtype), torch.randn(8, 256).to(dtype))
     # every candidate benchmarks/tune_triton.py times on a GPU, in its dtype, at each rank
-    tune = importlib.import_module("benchmarks.tune_triton")
     candidates = tune.DECODE_CANDIDATES | tune.PREFILL_CANDIDATES
     for r_max in (8, 16, 64):
         num_tokens = 40
