@@ -178,20 +178,29 @@ def lora_delta_(
     fused: bool | None = None,
     configs: dict | None = None,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """Adds the LoRA delta of every token into ``out [T, d_out]`` in place.
+    accumulate: bool = True,
+) -> torch.Tensor | None:
+    """Adds the LoRA delta of every token into ``out [T, d_out]`` in place; with
+    ``accumulate=False`` writes it there instead (zeros for tokens without a slot), so ``out``
+    may start uninitialised.
 
     ``x [T, d_in]`` and ``out`` with unit inner stride; ``A``, ``B`` any strides (a rank-major
     ``B``, the transpose of ``[S, r_max, d_out]``, reads coalesced along d_out); ``ranks`` int64
     or None. ``fused`` None picks by the config table (a ``fused`` row that matches);
     ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters;
     ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
+
+    Returns the shrink's split-K partials ``[SPLIT_K, T, r_max]`` float32 (what the backward's
+    ``t_partials`` takes; only the entries a slot owns are written), or None when the one-launch
+    kernel ran or there was nothing to compute.
     """
     check_dtype(x, "x")
     num_tokens, d_in = x.shape
     r_max, d_out = A.shape[1], B.shape[1]
     if num_tokens == 0 or r_max == 0 or d_out == 0:
-        return
+        if not accumulate:
+            out.zero_()
+        return None
     configs = configs or {}
     if fused is None:
         fused_config = configs.get("fused") or _fused_config(x.device, num_tokens, r_max, d_in)
@@ -200,12 +209,17 @@ def lora_delta_(
         fused_config = configs.get("fused") or _fused_config(x.device, 1, r_max, d_in)
         fused = fused_config is not None
     if fused:
+        if not accumulate:
+            out.zero_()
         lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config, segments)
-        return
+        return None
     partials = lora_shrink_partials(
         x, A, token_order, token_slots, ranks, configs.get("shrink"), segments, zeroed=False
     )
-    lora_expand_(partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"), segments)
+    lora_expand_(
+        partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"), segments, accumulate
+    )
+    return partials
 
 
 def _fused_config(device: torch.device, num_tokens: int, r_max: int, d_in: int) -> dict | None:

@@ -37,6 +37,7 @@ def _lora_weight_grad_kernel(
     grad_slots_ptr,
     width,
     r_max,
+    stride_coef_split,
     stride_coef_row,
     stride_rows_row,
     stride_grad_split,
@@ -49,6 +50,7 @@ def _lora_weight_grad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SPLIT_M: tl.constexpr,
+    SPLIT_COEF: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -82,11 +84,14 @@ def _lora_weight_grad_kernel(
                 mask=in_segment[:, None] & column_ok[None, :],
                 other=0.0,
             )
-            coef = tl.load(
-                coef_ptr + tokens[None, :] * stride_coef_row + ranks_here[:, None],
-                mask=rank_ok[:, None] & in_segment[None, :],
-                other=0.0,
-            )
+            coef = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+            coef_tile = coef_ptr + tokens[None, :] * stride_coef_row + ranks_here[:, None]
+            for part in range(SPLIT_COEF):  # the shrink's split-K planes, summed in order
+                coef += tl.load(
+                    coef_tile + part * stride_coef_split,
+                    mask=rank_ok[:, None] & in_segment[None, :],
+                    other=0.0,
+                ).to(tl.float32)
             acc += dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
         grad = grad_ptr + pid_split * stride_grad_split + slot * stride_grad_slot
         grad += ranks_here[:, None] * stride_grad_rank
@@ -111,14 +116,18 @@ def _weight_grad(
 ) -> None:
     """grad[slot] (seen through grad_strides as [r_max, width]) = scale * coef^T rows per slot.
 
+    ``coef`` is ``[T, r_max]`` or split-K partial planes ``[SPLIT_K, T, r_max]`` (summed while
+    loading; only the entries a slot owns are read).
+
     Each slot's segment is split SPLIT_M ways (config; 0 picks enough splits to give the GPU's
     multiprocessors two programs each): the splits write float32 partial planes, summed in a
     fixed order afterwards, so a batch of one or few slots still fills the GPU without atomics.
     """
     config = dict(config)
+    coef = coef if coef.dim() == 3 else coef.unsqueeze(0)
     num_slots = segment_starts.shape[0]
     num_tokens = rows.shape[0]
-    width, r_max = rows.shape[1], coef.shape[1]
+    width, r_max = rows.shape[1], coef.shape[2]
     block_r = max(16, min(config.pop("MAX_BLOCK_R"), triton.next_power_of_2(max(r_max, 1))))
     column_blocks = triton.cdiv(width, config["BLOCK_D"])
     split_m = config.pop("SPLIT_M", 0)
@@ -142,6 +151,7 @@ def _weight_grad(
         width,
         r_max,
         coef.stride(0),
+        coef.stride(1),
         rows.stride(0),
         split_stride,
         *target_strides,
@@ -149,6 +159,7 @@ def _weight_grad(
         HAS_GRAD_SLOTS=grad_slots is not None,
         BLOCK_R=block_r,
         SPLIT_M=split_m,
+        SPLIT_COEF=coef.shape[0],
         UPCAST=INTERPRETED,
         IEEE=rows.dtype == torch.float32,
         **config,
@@ -182,11 +193,18 @@ def lora_delta_backward(
     grad_slots: torch.Tensor | None,
     needs: tuple[bool, bool, bool] = (True, True, True),
     configs: dict | None = None,
+    t_partials: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dA, dB)`` of lora_delta (None where ``needs`` is False).
 
     ``grad_out [T, d_out]`` and ``x [T, d_in]`` with unit inner stride, ``A``/``B`` contiguous;
     weight gradients only for slots with ``grad_slots`` True (all when None), zero elsewhere.
+    ``t_partials``: the forward's shrink partials of ``x`` (what ``lora_delta_`` returns), so dB
+    need not run the shrink of x again.
+
+    Launches: the shrink of dy, the expand that writes dx (no zero-filled buffer), the weight
+    gradients of A and B reading the shrink's split-K planes as they are (no reduction launch),
+    and the shrink of x only when ``t_partials`` is not given.
     """
     check_dtype(x, "x")
     needs_x, needs_A, needs_B = needs
@@ -194,10 +212,12 @@ def lora_delta_backward(
     num_tokens, d_in = x.shape
     r_max, d_out = A.shape[1], B.shape[1]
     grad_out = grad_out.to(x.dtype)
-    dx = torch.zeros_like(x) if needs_x else None
+    dx = torch.empty_like(x) if needs_x else None
     dA = torch.zeros_like(A) if needs_A else None
     dB = torch.zeros_like(B) if needs_B else None
     if num_tokens == 0 or r_max == 0:
+        if dx is not None:
+            dx.zero_()
         return dx, dA, dB
     mask = grad_slots.to(torch.int8) if grad_slots is not None else None
     grad_config = configs.get("weight_grad") or lookup(
@@ -206,7 +226,8 @@ def lora_delta_backward(
     segments = (token_order, segment_starts, segment_lengths)
 
     if needs_x or needs_A:
-        # u = B^T dy: the shrink with B read as [S, r_max, d_out]
+        # u = B^T dy: the shrink with B read as [S, r_max, d_out]; its readers (the expand and
+        # the weight gradient) read only the entries a slot owns, so it is never zero-filled
         u_partials = lora_shrink_partials(
             grad_out,
             B.transpose(1, 2),
@@ -215,8 +236,9 @@ def lora_delta_backward(
             ranks,
             configs.get("shrink"),
             (segment_starts, segment_lengths),
+            zeroed=False,
         )
-        if needs_x:  # dx = s * A^T u: the expand with A read as [S, d_in, r_max]
+        if needs_x:  # dx = s * A^T u: the expand with A read as [S, d_in, r_max], written
             lora_expand_(
                 u_partials,
                 A.transpose(1, 2),
@@ -227,14 +249,23 @@ def lora_delta_backward(
                 dx,
                 configs.get("expand"),
                 (segment_starts, segment_lengths),
+                accumulate=False,
             )
         if needs_A:
-            u = u_partials.sum(dim=0)
-            _weight_grad(u, x, dA, dA.stride(), scales, *segments, ranks, mask, grad_config)
+            _weight_grad(u_partials, x, dA, dA.stride(), scales, *segments, ranks, mask, grad_config)
     if needs_B:
-        t = lora_shrink_partials(
-            x, A, token_order, token_slots, ranks, configs.get("shrink"), (segment_starts, segment_lengths)
-        ).sum(dim=0)
+        t = t_partials
+        if t is None:
+            t = lora_shrink_partials(
+                x,
+                A,
+                token_order,
+                token_slots,
+                ranks,
+                configs.get("shrink"),
+                (segment_starts, segment_lengths),
+                zeroed=False,
+            )
         strides = (dB.stride(0), dB.stride(2), dB.stride(1))  # dB[slot] written as [r_max, d_out]
         _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, mask, grad_config)
     return dx, dA, dB

@@ -4,6 +4,11 @@ One program per (block of BLOCK_M slot-sorted positions, block of BLOCK_N output
 distinct slots of its block as the shrink does. ``t`` may arrive as split-K partial planes
 ``[SPLIT_K, T, r_max]``, summed here while loading, so shrink + expand need no reduction launch.
 The output tile is read, updated in fp32 and written once per slot: no atomics.
+
+With ``ACCUMULATE`` off the expand *writes* ``out`` instead (the delta itself; zeros for tokens
+without a slot), so an out-of-place delta or a gradient needs no zero-filled buffer and never
+reads its output: half the output traffic. In segments mode the tokens without a slot (the first
+``segment_starts[0]`` of the slot-sorted order) get ``blocks_per_slot`` programs of their own.
 """
 
 from __future__ import annotations
@@ -56,21 +61,38 @@ def _lora_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SEGMENTED: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ok = outs < d_out
     if SEGMENTED:
+        if not ACCUMULATE:
+            if pid_m >= num_slots * blocks_per_slot:
+                # the tokens without a slot lead the slot-sorted order: write their zeros
+                offsets = (pid_m - num_slots * blocks_per_slot) * BLOCK_M + tl.arange(0, BLOCK_M)
+                in_none = offsets < tl.load(segment_starts_ptr)
+                none_tokens = tl.load(token_order_ptr + offsets, mask=in_none, other=0)
+                zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+                tile = out_ptr + none_tokens[:, None] * stride_out_row + outs[None, :]
+                tl.store(tile, zeros, mask=in_none[:, None] & out_ok[None, :])
+                return
         tokens, slots = segment_tokens(
             token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
         )
     else:
         tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ok = outs < d_out
     offs_r = tl.arange(0, BLOCK_R)
     out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
+    if not ACCUMULATE and not SEGMENTED:  # (both constexpr)
+        # this block's tokens without a slot (positions past the end read as slot -1 too)
+        positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        none = (slots < 0) & (positions < num_tokens)
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_tile_ptr, zeros, mask=none[:, None] & out_ok[None, :])
 
     slot = first_slot(slots, num_slots)
     while slot < num_slots:
@@ -91,7 +113,12 @@ def _lora_expand_kernel(
             acc += expand_tile(
                 t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
             )
-        add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, tl.load(scales_ptr + slot))
+        scale = tl.load(scales_ptr + slot)
+        if ACCUMULATE:
+            add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, scale)
+        else:
+            tile = (acc * scale).to(out_ptr.dtype.element_ty)
+            tl.store(out_tile_ptr, tile, mask=rows[:, None] & out_ok[None, :])
         slot = next_slot(slots, slot, num_slots)
 
 
@@ -105,8 +132,11 @@ def lora_expand_(
     out: torch.Tensor,
     config: dict | None = None,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    accumulate: bool = True,
 ) -> None:
-    """Adds the expand into ``out [T, d_out]`` (unit inner stride) in place.
+    """Adds the expand into ``out [T, d_out]`` (unit inner stride) in place; with
+    ``accumulate=False`` writes it there instead (zeros for tokens without a slot), so ``out``
+    may start uninitialised.
 
     ``t`` is ``[T, r_max]`` or split-K partials ``[SPLIT_K, T, r_max]`` (any float dtype, unit
     inner stride), ``B [S, d_out, r_max]`` (any strides; the backward passes ``A`` transposed),
@@ -116,7 +146,11 @@ def lora_expand_(
     partials = t if t.dim() == 3 else t.unsqueeze(0)
     split_k, num_tokens, r_max = partials.shape
     num_slots, d_out, _ = B.shape
-    if num_tokens == 0 or d_out == 0 or r_max == 0:
+    if num_tokens == 0 or d_out == 0:
+        return
+    if r_max == 0:
+        if not accumulate:
+            out.zero_()
         return
     if config is None:
         config = lookup("expand", out.device, num_tokens, r_max, d_out)
@@ -124,6 +158,8 @@ def lora_expand_(
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
     programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
     starts, lengths = segments if segments is not None else (token_order, token_order)
+    if segments is not None and not accumulate:
+        programs += blocks_per_slot  # the tokens without a slot
     _lora_expand_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
         partials,
         B,
@@ -147,6 +183,7 @@ def lora_expand_(
         SPLIT_K=split_k,
         BLOCK_R=block_r,
         SEGMENTED=segments is not None,
+        ACCUMULATE=accumulate,
         UPCAST=INTERPRETED,
         IEEE=B.dtype == torch.float32,
         **config,

@@ -127,8 +127,10 @@ class MultiLoRALinear(nn.Module):
         for slot in range(self.stack.num_slots):
             if str(slot) in self.lora_A:
                 A, B = self.lora_A[str(slot)], self.lora_B[str(slot)]
-                a_slots.append(F.pad(A, (0, 0, 0, r_max - A.shape[0])))
-                b_slots.append(F.pad(B, (0, r_max - B.shape[1])))
+                if A.shape[0] != r_max:  # (a full-rank slot goes in as it is: no copy)
+                    A, B = F.pad(A, (0, 0, 0, r_max - A.shape[0])), F.pad(B, (0, r_max - B.shape[1]))
+                a_slots.append(A)
+                b_slots.append(B)
             else:
                 a_slots.append(self.stack.A[slot])
                 b_slots.append(self.stack.B[slot])

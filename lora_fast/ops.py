@@ -130,14 +130,36 @@ def _delta_impl(
     ranks: Tensor | None,
     out: Tensor,
 ) -> None:
+    _delta_into(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out)
+
+
+def _delta_into(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    out: Tensor,
+    accumulate: bool = True,
+) -> Tensor | None:
+    """The delta added into ``out`` (written there with ``accumulate=False``: ``out`` may then
+    hold anything). Returns the Triton shrink's split-K partials of x, which the backward can
+    take instead of running that shrink again, or None (other backends, the one-launch kernel)."""
     backend = select(x.device, x.dtype)
     if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
+        if not accumulate:
+            out.zero_()
         reference.lora_delta(x, A, B, batch, scales, ranks, out)
-        return
+        return None
     target = _unit_stride_rows(out)
+    partials = None
     if backend == "triton":
-        _triton().lora_delta_(
+        partials = _triton().lora_delta_(
             _unit_stride_rows(x),
             A,
             B,
@@ -147,13 +169,36 @@ def _delta_impl(
             _int64(ranks),
             target,
             segments=(segment_starts, segment_lengths),
+            accumulate=accumulate,
         )
     else:
+        if not accumulate:
+            target.zero_()
         _compiled().lora_delta_(
             x, A, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
         )
     if target is not out:
         out.copy_(target)
+    return partials
+
+
+def _delta_forward(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    token_slots: Tensor,
+    token_order: Tensor,
+    segment_starts: Tensor,
+    segment_lengths: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(delta, t_partials)``: a new delta tensor (the Triton kernels write it, so it is never
+    zero-filled first) and the partials of :func:`_delta_into`."""
+    out = torch.empty((x.shape[0], B.shape[1]), dtype=x.dtype, device=x.device)
+    metadata = (token_slots, token_order, segment_starts, segment_lengths)
+    partials = _delta_into(x, A, B, *metadata, scales, ranks, out, accumulate=False)
+    return out, partials
 
 
 def _delta_functional_impl(
@@ -169,9 +214,8 @@ def _delta_functional_impl(
     grad_slots: Tensor | None,
 ) -> Tensor:
     # grad_slots only matters to the backward: it names the slots whose weights get gradients.
-    out = torch.zeros((x.shape[0], B.shape[1]), dtype=x.dtype, device=x.device)
-    _delta_impl(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out)
-    return out
+    metadata = (token_slots, token_order, segment_starts, segment_lengths)
+    return _delta_forward(x, A, B, *metadata, scales, ranks)[0]
 
 
 def _backward_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -197,7 +241,10 @@ def _delta_backward_impl(
     needs_x: bool,
     needs_A: bool,
     needs_B: bool,
+    t_partials: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # t_partials: the forward's Triton shrink partials of x (eager autograd keeps them), so the
+    # Triton backward skips that shrink; the custom op recomputes them (same kernel, same bits).
     needs = (needs_x, needs_A, needs_B)
     backend = _backward_backend(x.device, x.dtype)
     if backend == "torch":
@@ -217,6 +264,7 @@ def _delta_backward_impl(
             _int64(ranks),
             grad_slots,
             needs,
+            t_partials=t_partials,
         )
     else:
         grads = _compiled().lora_delta_backward(
@@ -285,6 +333,7 @@ def _(
     needs_x,
     needs_A,
     needs_B,
+    t_partials=None,
 ):
     return tuple(
         t.new_empty(t.shape) if need else t.new_empty(0)
@@ -351,22 +400,50 @@ class _DeltaFunction(torch.autograd.Function):
     """lora_delta's autograd in eager mode: the custom op's forward and backward implementations
     called directly. On a GPU the custom op's dispatch and autograd wrapping cost more host time
     per training step than the kernels (benchmarks/results/gpu_2026-11-26.md); torch.compile and
-    dispatch modes still see the custom op."""
+    dispatch modes still see the custom op. The Triton forward's shrink partials are kept for
+    dB, so the backward does not read x a second time."""
 
     @staticmethod
     def forward(
         ctx, x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots
     ):
         metadata = (token_slots, token_order, segment_starts, segment_lengths)
-        ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots)
-        return _delta_functional_impl(x, A, B, *metadata, scales, ranks, grad_slots)
+        delta, t_partials = _delta_forward(x, A, B, *metadata, scales, ranks)
+        ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots, t_partials)
+        return delta
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, *metadata, scales, ranks, grad_slots = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        grads = _delta_backward_impl(grad_out, x, A, B, *metadata, scales, ranks, grad_slots, *needs)
-        return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7)
+        return _eager_backward(ctx, grad_out, 0)
+
+
+class _DeltaIntoFunction(torch.autograd.Function):
+    """``out += delta`` with autograd, in place (``out`` is marked dirty): an eager training
+    forward that adds into the base layer's output needs no delta tensor and no second pass
+    over the output. ``out``'s gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, *rest):
+        token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots = rest
+        metadata = (token_slots, token_order, segment_starts, segment_lengths)
+        t_partials = _delta_into(x, A, B, *metadata, scales, ranks, out)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots, t_partials)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (grad_out, *_eager_backward(ctx, grad_out, 1))
+
+
+def _eager_backward(ctx, grad_out: Tensor, first: int) -> tuple:
+    """Gradients of x, A and B (None where not needed), then None for the metadata arguments."""
+    x, A, B, *metadata, scales, ranks, grad_slots, t_partials = ctx.saved_tensors
+    needs = ctx.needs_input_grad[first : first + 3]
+    grads = _delta_backward_impl(
+        grad_out, x, A, B, *metadata, scales, ranks, grad_slots, *needs, t_partials=t_partials
+    )
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *(None,) * 7)
 
 
 def _dispatch_mode_active() -> bool:
@@ -470,6 +547,9 @@ def lora_delta(
     if check_args:
         _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots)
     if out is None or _needs_grad(x, A, B, out):
+        if out is not None and not (out.requires_grad and out.is_leaf) and _eager_plain(x, A, B, out):
+            # in place with autograd: out += delta, no delta tensor (out keeps its own history)
+            return _DeltaIntoFunction.apply(out, x, A, B, *batch.metadata, scales, ranks, grad_slots)
         if _eager_direct(x, A, B):
             op = _delta_functional_impl
         elif _eager_plain(x, A, B):

@@ -96,14 +96,30 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                             }
                             # no shipped table uses the fused delta now; it stays compiled
                             configs["fused"] = dict(fused_config, **mode)
-                            delta.lora_delta_(
-                                x, A, B_, order, slots, scales, ranks_, out, fused, configs, (starts, lengths)
-                            )
+                            # the expand that writes out (training forwards, dx) beside the one
+                            # that adds into it; the fused path zero-fills instead
+                            for accumulate in (True,) if fused else (True, False):
+                                delta.lora_delta_(
+                                    x,
+                                    A,
+                                    B_,
+                                    order,
+                                    slots,
+                                    scales,
+                                    ranks_,
+                                    out,
+                                    fused,
+                                    configs,
+                                    (starts, lengths),
+                                    accumulate,
+                                )
             grad_out = torch.randn(num_tokens, d_out).to(dtype)
             for grad_slots in (None, torch.ones(num_slots, dtype=torch.bool)):
                 for split_m in (1, 4):
                     configs = {"weight_grad": dict(lookup("weight_grad", x.device, num_tokens, r_max, d_in))}
                     configs["weight_grad"]["SPLIT_M"] = split_m
+                    # the weight gradients read split-K planes of t and u (SPLIT_COEF > 1) at
+                    # the decode shapes' SPLIT_K, a single plane at the prefill ones
                     backward.lora_delta_backward(
                         grad_out,
                         x,

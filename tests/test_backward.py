@@ -219,13 +219,25 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
         assert_close(g, e, torch.float32)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def _backend_device_dtype(backend):
+    """Where and in what dtype a backend's eager/custom-op comparison runs."""
+    if backend != "triton":
+        return "cpu", torch.float64
+    kernels = pytest.importorskip("lora_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    return DEVICE, torch.float32
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
 def test_eager_autograd_function_and_custom_op_give_the_same_gradients(backend):
-    """Eager training goes through a plain autograd.Function (less host time per step); the
-    custom op (what torch.compile and dispatch modes see) must give the same results."""
-    c = random_case(40, 3, 24, 20, 8, none_fraction=0.2)
-    grad_out = torch.randn(40, 20, dtype=torch.float64)
-    grad_slots = torch.tensor([True, False, True])
+    """Eager training goes through a plain autograd.Function (less host time per step; Triton's
+    keeps the forward's shrink for dB); the custom op (what torch.compile and dispatch modes see)
+    must give the same bits."""
+    device, dtype = _backend_device_dtype(backend)
+    c = random_case(40, 3, 24, 20, 8, dtype=dtype, device=device, none_fraction=0.2)
+    grad_out = torch.randn(40, 20, dtype=dtype, device=device)
+    grad_slots = torch.tensor([True, False, True], device=device)
     results = []
     for use_op in (False, True):
         x, A, B = (c[k].detach().clone().requires_grad_() for k in ("x", "A", "B"))
@@ -241,3 +253,37 @@ def test_eager_autograd_function_and_custom_op_give_the_same_gradients(backend):
         results.append((y.detach(), x.grad, A.grad, B.grad))
     for eager, op in zip(*results, strict=True):
         torch.testing.assert_close(eager, op, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
+@pytest.mark.parametrize("view", [False, True], ids=["rows", "view_of_3d"])
+def test_in_place_training_delta_matches_the_out_of_place_one(backend, view, monkeypatch):
+    """lora_delta(out=y) with autograd adds into y in place (no delta tensor): y, and the
+    gradients of x, A, B and of what produced y, equal an out-of-place delta added to y."""
+    device, dtype = _backend_device_dtype(backend)
+    c = random_case(42, 3, 24, 20, 8, dtype=dtype, device=device, none_fraction=0.2)
+    grad_out = torch.randn(42, 20, dtype=dtype, device=device)
+    in_place_calls = []
+    forward = lora_fast.ops._DeltaIntoFunction.forward
+    monkeypatch.setattr(
+        lora_fast.ops._DeltaIntoFunction,
+        "forward",
+        staticmethod(lambda *args: in_place_calls.append(1) or forward(*args)),
+    )
+    results = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        base = torch.nn.Linear(24, 20, dtype=dtype, device=device)
+        x, A, B = (c[k].detach().clone().requires_grad_() for k in ("x", "A", "B"))
+        with lora_fast.use_backend(backend):
+            y = base(x.view(6, 7, 24) if view else x)
+            rows = y.view(-1, 20) if view else y
+            if in_place:
+                lora_fast.lora_delta(x, A, B, c["batch"], c["scales"], c["ranks"], out=rows)
+                assert in_place_calls == [1]
+            else:
+                y = y + lora_fast.lora_delta(x, A, B, c["batch"], c["scales"], c["ranks"]).view(y.shape)
+            y.backward(grad_out.view(y.shape))
+        results.append((y.detach().reshape(42, 20), x.grad, A.grad, B.grad, base.weight.grad, base.bias.grad))
+    for in_place, separate in zip(*results, strict=True):
+        assert_close(in_place, separate, dtype)

@@ -92,6 +92,63 @@ def test_delta_kernels_match_reference(dtype, shape, fused, segmented):
     assert torch.equal(out[untouched], start[untouched])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("none_fraction", [0.0, 0.3, 1.0], ids=["all_slots", "some_none", "all_none"])
+def test_delta_written_over_a_poisoned_out(dtype, fused, segmented, none_fraction):
+    """accumulate=False writes every token (the delta; zeros without a slot) and reads nothing
+    of out: a NaN-filled out comes back finite and equal to the delta."""
+    c = random_case(37, 5, 53, 41, 24, dtype=dtype, device=DEVICE, none_fraction=none_fraction)
+    b = c["batch"]
+    out = torch.full((37, 41), float("nan"), dtype=dtype, device=DEVICE)
+    partials = kernels.lora_delta_(
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        fused=fused,
+        configs=small(segmented),
+        segments=(b.segment_starts, b.segment_lengths),
+        accumulate=False,
+    )
+    assert (partials is None) == fused
+    assert not out.isnan().any()
+    assert_close(out, expected(c), dtype, magnitude=magnitude(c) + 1)
+    assert (out[c["ids"] < 0] == 0).all()
+
+
+@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+def test_expand_written_over_a_poisoned_out_with_split_partials(segmented):
+    c = random_case(70, 4, 40, 65, 40, dtype=torch.float32, device=DEVICE, none_fraction=0.25)
+    b = c["batch"]
+    segments = (b.segment_starts, b.segment_lengths)
+    configs = small(segmented)
+    partials = kernels.lora_shrink_partials(
+        c["x"], c["A"], b.token_order, b.token_slots, c["ranks"], configs["shrink"], segments, zeroed=False
+    )
+    assert partials.shape[0] == 3
+    out = torch.full((70, 65), float("nan"), device=DEVICE)
+    kernels.lora_expand_(
+        partials,
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        configs["expand"],
+        segments,
+        accumulate=False,
+    )
+    assert_close(out, expected(c), torch.float32)
+    assert (out[c["ids"] < 0] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_public_ops_on_the_triton_backend(dtype):
     c = random_case(45, 6, 72, 56, 16, dtype=dtype, device=DEVICE)

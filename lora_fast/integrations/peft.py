@@ -286,6 +286,12 @@ class _LayerState:
         self._version_table = torch.empty(0, 2, dtype=torch.int64)
         self._scaling_seen: dict[str, float] = {}
         self._scaling_subset: dict[str, float | None] = {}
+        self._slot_values_key: object = None
+        self._slot_values: tuple = ()
+        self._zero_slot_key: object = None
+        self._zero_slots: tuple = ()
+        self._one_scale_key: object = None
+        self._one_scale = torch.empty(0)
 
     def names_in_batch(self, batch_names: frozenset[str]) -> tuple[frozenset[str], bool]:
         """``(names, peft_path)``: the batch's adapters this layer has, and whether this call must
@@ -396,31 +402,63 @@ class _LayerState:
         return A, B, scales, ranks
 
     def training_stacks(self, layer: nn.Module, slot_of: dict[str, int]) -> tuple:
-        """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd."""
-        weights = {
-            name: (layer.lora_A[name].weight, layer.lora_B[name].weight)
-            for name in slot_of
-            if name in layer.lora_A
-        }
-        any_weight = next(iter(weights.values()))[0]
-        A_slots, B_slots = [], []
+        """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd.
+
+        The stack is rebuilt every call (gradients must reach PEFT's own parameters through it);
+        a full-rank adapter's weights go in as they are (no pad), and the small per-slot tensors
+        are made on the device only when their values change: a tensor built from a Python list
+        on a GPU is a blocking copy, which would stall every layer of every training step.
+        """
+        lora_A, lora_B, scaling = layer.lora_A, layer.lora_B, layer.scaling
+        r_max = self.r_max
+        A_slots, B_slots, values = [], [], []
+        filler = None
         for name in slot_of:
-            if name in weights:
-                a, b = weights[name]
-                A_slots.append(F.pad(a, (0, 0, 0, self.r_max - a.shape[0])))
-                B_slots.append(F.pad(b, (0, self.r_max - b.shape[1])))
+            if name in lora_A:
+                a, b = lora_A[name].weight, lora_B[name].weight
+                rank = a.shape[0]
+                if rank != r_max:
+                    a, b = F.pad(a, (0, 0, 0, r_max - rank)), F.pad(b, (0, r_max - rank))
+                A_slots.append(a)
+                B_slots.append(b)
+                values.append((float(scaling.get(name, 0.0)), rank, a.requires_grad))
             else:  # this adapter does not target this layer: rank 0
-                A_slots.append(any_weight.new_zeros(self.r_max, layer.in_features))
-                B_slots.append(any_weight.new_zeros(layer.out_features, self.r_max))
-        device = any_weight.device
-        scales = torch.tensor(
-            [float(layer.scaling.get(n, 0.0)) for n in slot_of], dtype=torch.float32, device=device
-        )
-        ranks = torch.tensor([weights[n][0].shape[0] if n in weights else 0 for n in slot_of], device=device)
-        grad_slots = torch.tensor(
-            [n in weights and weights[n][0].requires_grad for n in slot_of], dtype=torch.bool, device=device
-        )
-        return torch.stack(A_slots), torch.stack(B_slots), scales, ranks, grad_slots
+                if filler is None:
+                    filler = self._zero_slot(lora_A, layer)
+                A_slots.append(filler[0])
+                B_slots.append(filler[1])
+                values.append((0.0, 0, False))
+        device = A_slots[0].device
+        key = (tuple(values), device)
+        if key != self._slot_values_key:
+            scales, ranks, grad = zip(*values, strict=True)
+            self._slot_values = (
+                torch.tensor(scales, dtype=torch.float32).to(device),
+                torch.tensor(ranks, dtype=torch.int64).to(device),
+                torch.tensor(grad, dtype=torch.bool).to(device),
+            )
+            self._slot_values_key = key
+        return (torch.stack(A_slots), torch.stack(B_slots), *self._slot_values)
+
+    def one_scale(self, scale: float, device: torch.device) -> torch.Tensor:
+        """``[scale]`` float32 on ``device``, made again only when the scale changes."""
+        key = (scale, device)
+        if key != self._one_scale_key:
+            self._one_scale = torch.tensor([scale], dtype=torch.float32).to(device)
+            self._one_scale_key = key
+        return self._one_scale
+
+    def _zero_slot(self, lora_A, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero A and B for a slot whose adapter does not target this layer (kept, not remade)."""
+        weight = next(iter(lora_A.values())).weight
+        key = (weight.dtype, weight.device, self.r_max)
+        if self._zero_slot_key != key:
+            self._zero_slots = (
+                weight.new_zeros(self.r_max, layer.in_features),
+                weight.new_zeros(layer.out_features, self.r_max),
+            )
+            self._zero_slot_key = key
+        return self._zero_slots
 
 
 def _original_forward(layer: nn.Module):
@@ -502,7 +540,7 @@ def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, args, kwargs,
         # training: PEFT's parameters themselves as a one-slot stack (views), so gradients reach them
         result = layer.base_layer(x, *args, **kwargs)
         batch = model_state.one_slot_batch(rows.shape[0], rows.device)
-        scales = torch.tensor([float(layer.scaling[name])], dtype=torch.float32, device=rows.device)
+        scales = layer_state.one_scale(float(layer.scaling[name]), rows.device)
         return _add_delta(result, lora_input, weight_A[None], weight_B[None], batch, scales, None, None)
     slot_of = model_state.slot_of()
     batch = model_state.batch([name], rows.shape[0], rows.device)
