@@ -138,6 +138,17 @@ def graph_us(fn: Callable[[], object] | None, repetitions: int) -> float | None:
     return time if captured[0] else None
 
 
+def step_bytes(T: int, d: int, L: int, r: int, dtype: torch.dtype) -> int:
+    """Bytes a training step of the delta must move at the least: x read and y written by the
+    forward; dy read, dx written and x read again (for dA) by the backward; every slot's A and
+    B read twice and their gradients written once. (dy is read once: a kernel that reads it for
+    both u = B^T dy and dB is assumed; lora_fast reads it twice.)"""
+    size = torch.empty(0, dtype=dtype).element_size()
+    activations = 5 * T * d
+    weights = 3 * 2 * L * r * d
+    return (activations + weights) * size
+
+
 def run_sweep(
     device: str,
     T: int,
@@ -151,6 +162,7 @@ def run_sweep(
 ) -> list[dict]:
     """One row per (L, r). ``graphs`` (default: on CUDA) adds each step replayed from a CUDA graph."""
     graphs = device == "cuda" if graphs is None else graphs
+    bandwidth = common.copy_bandwidth_gbps(device) if graphs else None
     rows = []
     for L in adapters:
         for r in ranks:
@@ -176,6 +188,9 @@ def run_sweep(
                 graph["speedup_vs_grouped_mm_graph"] = (
                     grouped_graph / fast_graph if fast_graph and grouped_graph else None
                 )
+                # the memory floor of the step at this run's device-copy bandwidth
+                graph["hbm_floor_us"] = step_bytes(T, d, L, r, dtype) / (bandwidth * 1e3)
+                graph["floor_fraction_graph"] = graph["hbm_floor_us"] / fast_graph if fast_graph else None
             fast = times["lora_fast_us"]
             row = {
                 "T": T,
@@ -224,6 +239,8 @@ GRAPH_COLUMNS = [
     "torch_loop_graph_us",
     "grouped_mm_graph_us",
     "speedup_vs_grouped_mm_graph",
+    "hbm_floor_us",
+    "floor_fraction_graph",
 ]
 
 

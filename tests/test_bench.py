@@ -248,8 +248,13 @@ def test_training_benchmark_graph_columns(monkeypatch):
         return 4.0
 
     monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    monkeypatch.setattr(common, "copy_bandwidth_gbps", lambda device: 2.0)  # bytes per ns
     rows = bench_lora_train.run_sweep("cpu", 32, 16, [2], [4], torch.float32, 0.01, 2, graphs=True)
     (row,) = rows
     assert row["lora_fast_graph_us"] == 4.0 and row["torch_loop_graph_us"] == 4.0
+    # 5 activation passes of 32 x 16 and 3 passes over 2 slots' A and B, 4 bytes each, at 2 GB/s
+    floor_bytes = (5 * 32 * 16 + 3 * 2 * 2 * 4 * 16) * 4
+    assert row["hbm_floor_us"] == pytest.approx(floor_bytes / 2e3)
+    assert row["floor_fraction_graph"] == pytest.approx(row["hbm_floor_us"] / 4.0)
     if row["grouped_mm_us"] is not None:  # torch._grouped_mm runs here
         assert row["grouped_mm_graph_us"] is None and row["speedup_vs_grouped_mm_graph"] is None
