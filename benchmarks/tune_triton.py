@@ -72,6 +72,11 @@ DECODE_CANDIDATES = {
     "split16_segments_r16": _candidate(
         None, _DECODE_SHRINK | {"MAX_BLOCK_R": 16}, _DECODE_EXPAND | {"MAX_BLOCK_R": 16}, 1
     ),
+    # compact segments: the segments grid without its empty programs. On the H200 the segments
+    # grid lost T=256, L=64 to the positions grid by 2x (63 against 27 us at r=8), most likely
+    # for its 15 empty programs per busy one; the compact grid launches cdiv(T, 16) + min(S, T).
+    "split16_compact": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 2),
+    "split8_compact": _candidate(None, _DECODE_SHRINK | {"SPLIT_K": 8, "BLOCK_K": 256}, _DECODE_EXPAND, 2),
 }
 _FUSED_RETIRED = {
     "BLOCK_M": 16,
@@ -108,6 +113,8 @@ PREFILL_CANDIDATES = {
         _PREFILL_EXPAND | {"MAX_BLOCK_R": 16},
         0,
     ),
+    # one slot per program (a positions block that straddles two segments walks both)
+    "m64_split2_compact": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 2),
 }
 WEIGHT_GRAD = {
     "BLOCK_M": 64,

@@ -44,6 +44,64 @@ def segment_tokens(
 
 
 @triton.jit
+def compact_segment_tokens(
+    token_order_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
+    num_slots,
+    pid_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Tokens of the ``pid_m``-th block when every slot's segment is cut into blocks of BLOCK_M
+    and the blocks are numbered in slot order, and their slots (-1 past the segment's end, and
+    for a ``pid_m`` past the last block). Each program finds its block from the segment lengths
+    itself (a prefix sum over BLOCK_S >= num_slots slots), so the grid needs only
+    cdiv(T, BLOCK_M) + min(S, T) programs, never one per (slot, block) pair."""
+    offs_s = tl.arange(0, BLOCK_S)
+    slot_ok = offs_s < num_slots
+    lengths = tl.load(segment_lengths_ptr + offs_s, mask=slot_ok, other=0)
+    blocks = (lengths + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, 0)
+    slot = tl.sum(((ends <= pid_m) & slot_ok).to(tl.int32), 0)  # slots whose blocks end before pid_m
+    mine = offs_s == slot
+    first_block = tl.sum(tl.where(mine, ends - blocks, 0), 0)
+    length = tl.sum(tl.where(mine, lengths, 0), 0)  # 0 past the last slot
+    start = tl.load(segment_starts_ptr + slot, mask=slot < num_slots, other=0)
+    offsets = (pid_m - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_segment = offsets < length
+    tokens = tl.load(token_order_ptr + start + offsets, mask=in_segment, other=0)
+    return tokens, tl.where(in_segment, slot, -1).to(tl.int64)
+
+
+@triton.jit
+def grid_tokens(
+    token_order_ptr,
+    token_slots_ptr,
+    segment_starts_ptr,
+    segment_lengths_ptr,
+    pid_m,
+    num_tokens,
+    num_slots,
+    blocks_per_slot,
+    GRID: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """The tokens of program ``pid_m`` and their slots in each grid mode (see ``Grid``)."""
+    if GRID == 2:
+        return compact_segment_tokens(
+            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, num_slots, pid_m, BLOCK_M, BLOCK_S
+        )
+    elif GRID == 1:
+        return segment_tokens(
+            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
+        )
+    else:
+        return block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+
+
+@triton.jit
 def first_slot(slots, num_slots):
     """Smallest slot present in a block (num_slots when every token has none)."""
     return tl.min(tl.where(slots >= 0, slots, num_slots))
@@ -147,21 +205,53 @@ def check_dtype(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 {name}, got {tensor.dtype}")
 
 
-def token_grid(config: dict, num_tokens: int, segments) -> tuple[int, int, tuple | None]:
-    """``(programs along tokens, blocks per slot, segments)`` for a launch.
+POSITIONS, SEGMENTS, COMPACT_SEGMENTS = 0, 1, 2
 
-    Positions mode (``SEGMENTED`` 0, or no segments given): one program per BLOCK_M positions of
-    the slot-sorted order, walking the slots present. Segments mode: ``num_slots`` times
-    cdiv(T, BLOCK_M) programs, each owning one block of one slot's segment (most are empty and
-    return at once), so a decode block of many slots is spread over many programs instead of
-    looped in one. Pops ``SEGMENTED`` from ``config``.
+
+class Grid:
+    """How a launch spreads tokens over programs (``SEGMENTED`` in a config row):
+
+    - 0, positions: one program per BLOCK_M positions of the slot-sorted order, walking the
+      slots present in its block;
+    - 1, segments: ``num_slots`` x cdiv(T, BLOCK_M) programs, each owning one block of one slot's
+      segment (most are empty and return at once), so a decode block of many slots is spread
+      over many programs instead of walked by one;
+    - 2, compact segments: the segments' blocks numbered one after another, cdiv(T, BLOCK_M) +
+      min(S, T) programs; each finds its (slot, block) from the segment lengths, so a batch of
+      many slots with few tokens each launches no empty programs.
+
+    ``mode`` falls back to positions when no segments are given. ``slot_programs`` counts the
+    programs that own slot tokens (an expand that writes its output adds programs after them for
+    the tokens without a slot).
     """
-    block_m = config["BLOCK_M"]
-    positions = triton.cdiv(num_tokens, block_m)
-    if not config.pop("SEGMENTED", 0) or segments is None:
-        return positions, positions, None
-    starts, lengths = segments
-    return starts.shape[0] * positions, positions, (starts, lengths)
+
+    def __init__(self, config: dict, num_tokens: int, num_slots: int, segments) -> None:
+        block_m = config["BLOCK_M"]
+        positions = triton.cdiv(num_tokens, block_m)
+        mode = config.pop("SEGMENTED", 0)
+        self.mode = mode if segments is not None else POSITIONS
+        self.blocks_per_slot = positions
+        self.block_s = max(16, triton.next_power_of_2(max(num_slots, 1)))
+        self.starts, self.lengths = segments if segments is not None else (None, None)
+        if self.mode == SEGMENTS:
+            self.slot_programs = num_slots * positions
+        elif self.mode == COMPACT_SEGMENTS:
+            self.slot_programs = positions + min(num_slots, num_tokens)
+        elif self.mode == POSITIONS:
+            self.slot_programs = positions
+        else:
+            raise ValueError(f"SEGMENTED must be 0, 1 or 2, got {mode!r}")
+
+    def none_programs(self) -> int:
+        """Programs for the tokens without a slot, which lead the slot-sorted order (grid modes
+        other than positions, whose blocks already cover every position)."""
+        return 0 if self.mode == POSITIONS else self.blocks_per_slot
+
+    def pointers(self, token_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(segment_starts, segment_lengths), or any pointers where the mode reads neither."""
+        if self.starts is None:
+            return token_order, token_order
+        return self.starts, self.lengths
 
 
 def rank_block(r_max: int, cap: int) -> int:

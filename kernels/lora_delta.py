@@ -16,17 +16,16 @@ import triton.language as tl
 
 from ._common import (
     INTERPRETED,
+    Grid,
     add_scaled,
-    block_tokens,
     check_dtype,
     expand_tile,
     first_slot,
+    grid_tokens,
     next_slot,
     rank_block,
-    segment_tokens,
     shrink_tile,
     slot_rank,
-    token_grid,
 )
 from .configs import lookup
 from .lora_expand import lora_expand_
@@ -64,18 +63,26 @@ def _lora_delta_fused_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    GRID: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if SEGMENTED:
-        tokens, slots = segment_tokens(
-            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
-        )
-    else:
-        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    tokens, slots = grid_tokens(
+        token_order_ptr,
+        token_slots_ptr,
+        segment_starts_ptr,
+        segment_lengths_ptr,
+        pid_m,
+        num_tokens,
+        num_slots,
+        blocks_per_slot,
+        GRID,
+        BLOCK_M,
+        BLOCK_S,
+    )
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
     offs_r = tl.arange(0, BLOCK_R)
@@ -134,9 +141,9 @@ def lora_delta_fused_(
     d_out = B.shape[1]
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
-    starts, lengths = segments if segments is not None else (token_order, token_order)
-    _lora_delta_fused_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
+    grid = Grid(config, num_tokens, num_slots, segments)
+    starts, lengths = grid.pointers(token_order)
+    _lora_delta_fused_kernel[(grid.slot_programs, triton.cdiv(d_out, config["BLOCK_N"]))](
         x,
         A,
         B,
@@ -149,7 +156,7 @@ def lora_delta_fused_(
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
-        blocks_per_slot,
+        grid.blocks_per_slot,
         d_in,
         d_out,
         r_max,
@@ -159,7 +166,8 @@ def lora_delta_fused_(
         out.stride(0),
         HAS_RANKS=ranks is not None,
         BLOCK_R=block_r,
-        SEGMENTED=segments is not None,
+        GRID=grid.mode,
+        BLOCK_S=grid.block_s,
         UPCAST=INTERPRETED,
         IEEE=x.dtype == torch.float32,
         **config,

@@ -7,8 +7,8 @@ The output tile is read, updated in fp32 and written once per slot: no atomics.
 
 With ``ACCUMULATE`` off the expand *writes* ``out`` instead (the delta itself; zeros for tokens
 without a slot), so an out-of-place delta or a gradient needs no zero-filled buffer and never
-reads its output: half the output traffic. In segments mode the tokens without a slot (the first
-``segment_starts[0]`` of the slot-sorted order) get ``blocks_per_slot`` programs of their own.
+reads its output: half the output traffic. In the segment grids the tokens without a slot (the
+first ``segment_starts[0]`` of the slot-sorted order) get programs of their own.
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ import triton.language as tl
 
 from ._common import (
     INTERPRETED,
+    Grid,
     add_scaled,
-    block_tokens,
     check_dtype,
     expand_tile,
     first_slot,
+    grid_tokens,
     next_slot,
     rank_block,
-    segment_tokens,
     slot_rank,
-    token_grid,
 )
 from .configs import lookup
 
@@ -47,6 +46,7 @@ def _lora_expand_kernel(
     num_tokens,
     num_slots,
     blocks_per_slot,
+    slot_programs,
     d_out,
     r_max,
     stride_b_slot,
@@ -60,7 +60,8 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    GRID: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -69,25 +70,33 @@ def _lora_expand_kernel(
     pid_n = tl.program_id(1)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < d_out
-    if SEGMENTED:
+    if GRID != 0:
         if not ACCUMULATE:
-            if pid_m >= num_slots * blocks_per_slot:
+            if pid_m >= slot_programs:
                 # the tokens without a slot lead the slot-sorted order: write their zeros
-                offsets = (pid_m - num_slots * blocks_per_slot) * BLOCK_M + tl.arange(0, BLOCK_M)
+                offsets = (pid_m - slot_programs) * BLOCK_M + tl.arange(0, BLOCK_M)
                 in_none = offsets < tl.load(segment_starts_ptr)
                 none_tokens = tl.load(token_order_ptr + offsets, mask=in_none, other=0)
                 zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
                 tile = out_ptr + none_tokens[:, None] * stride_out_row + outs[None, :]
                 tl.store(tile, zeros, mask=in_none[:, None] & out_ok[None, :])
                 return
-        tokens, slots = segment_tokens(
-            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
-        )
-    else:
-        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    tokens, slots = grid_tokens(
+        token_order_ptr,
+        token_slots_ptr,
+        segment_starts_ptr,
+        segment_lengths_ptr,
+        pid_m,
+        num_tokens,
+        num_slots,
+        blocks_per_slot,
+        GRID,
+        BLOCK_M,
+        BLOCK_S,
+    )
     offs_r = tl.arange(0, BLOCK_R)
     out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
-    if not ACCUMULATE and not SEGMENTED:  # (both constexpr)
+    if not ACCUMULATE and GRID == 0:  # (both constexpr)
         # this block's tokens without a slot (positions past the end read as slot -1 too)
         positions = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         none = (slots < 0) & (positions < num_tokens)
@@ -156,10 +165,9 @@ def lora_expand_(
         config = lookup("expand", out.device, num_tokens, r_max, d_out)
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
-    starts, lengths = segments if segments is not None else (token_order, token_order)
-    if segments is not None and not accumulate:
-        programs += blocks_per_slot  # the tokens without a slot
+    grid = Grid(config, num_tokens, num_slots, segments)
+    starts, lengths = grid.pointers(token_order)
+    programs = grid.slot_programs + (0 if accumulate else grid.none_programs())
     _lora_expand_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
         partials,
         B,
@@ -172,7 +180,8 @@ def lora_expand_(
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
-        blocks_per_slot,
+        grid.blocks_per_slot,
+        grid.slot_programs,
         d_out,
         r_max,
         *B.stride(),
@@ -182,7 +191,8 @@ def lora_expand_(
         HAS_RANKS=ranks is not None,
         SPLIT_K=split_k,
         BLOCK_R=block_r,
-        SEGMENTED=segments is not None,
+        GRID=grid.mode,
+        BLOCK_S=grid.block_s,
         ACCUMULATE=accumulate,
         UPCAST=INTERPRETED,
         IEEE=B.dtype == torch.float32,

@@ -16,15 +16,14 @@ import triton.language as tl
 
 from ._common import (
     INTERPRETED,
-    block_tokens,
+    Grid,
     check_dtype,
     first_slot,
+    grid_tokens,
     next_slot,
     rank_block,
-    segment_tokens,
     shrink_tile,
     slot_rank,
-    token_grid,
 )
 from .configs import lookup
 
@@ -55,18 +54,26 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    GRID: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
-    if SEGMENTED:
-        tokens, slots = segment_tokens(
-            token_order_ptr, segment_starts_ptr, segment_lengths_ptr, pid_m, blocks_per_slot, BLOCK_M
-        )
-    else:
-        tokens, slots = block_tokens(token_order_ptr, token_slots_ptr, pid_m, num_tokens, BLOCK_M)
+    tokens, slots = grid_tokens(
+        token_order_ptr,
+        token_slots_ptr,
+        segment_starts_ptr,
+        segment_lengths_ptr,
+        pid_m,
+        num_tokens,
+        num_slots,
+        blocks_per_slot,
+        GRID,
+        BLOCK_M,
+        BLOCK_S,
+    )
     k_per_split = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_split * k_per_split
     k_end = tl.minimum(d_in, k_begin + k_per_split)
@@ -133,9 +140,9 @@ def lora_shrink_partials(
     partials = allocate((split_k, num_tokens, r_max), dtype=torch.float32, device=x.device)
     if num_tokens == 0 or r_max == 0:
         return partials
-    programs, blocks_per_slot, segments = token_grid(config, num_tokens, segments)
-    starts, lengths = segments if segments is not None else (token_order, token_order)
-    _lora_shrink_kernel[(programs, split_k)](
+    grid = Grid(config, num_tokens, num_slots, segments)
+    starts, lengths = grid.pointers(token_order)
+    _lora_shrink_kernel[(grid.slot_programs, split_k)](
         x,
         A,
         partials,
@@ -146,7 +153,7 @@ def lora_shrink_partials(
         ranks if ranks is not None else token_order,  # any pointer: HAS_RANKS=False never reads it
         num_tokens,
         num_slots,
-        blocks_per_slot,
+        grid.blocks_per_slot,
         d_in,
         r_max,
         x.stride(0),
@@ -156,7 +163,8 @@ def lora_shrink_partials(
         HAS_RANKS=ranks is not None,
         BLOCK_R=block_r,
         SPLIT_K=split_k,
-        SEGMENTED=segments is not None,
+        GRID=grid.mode,
+        BLOCK_S=grid.block_s,
         UPCAST=INTERPRETED,
         IEEE=x.dtype == torch.float32,
         **config,

@@ -55,7 +55,7 @@ def compile_only() -> list[tuple[str, int]]:
 
 
 # both grids of the token-blocked kernels: positions of the slot-sorted order, and slot segments
-MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1})
+MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1}, {"SEGMENTED": 2})
 
 
 def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:

@@ -169,7 +169,7 @@ def test_grad_slots_is_validated():
 
 
 @pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", [0, 1, 2], ids=["positions", "segments", "compact"])
 def test_triton_backward_kernels_with_split_segments(split_m, segmented):
     """The weight gradients with each slot's segment split over programs (float32 partial planes,
     summed afterwards) and the shrink/expand of the backward in either grid mode."""
@@ -178,7 +178,7 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
     b = c["batch"]
     grad_slots = torch.tensor([True, False, True, True], device=DEVICE)
     grad_out = torch.randn(150, 36, device=DEVICE)
-    small = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1, "MAX_BLOCK_R": 16, "SEGMENTED": int(segmented)}
+    small = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1, "MAX_BLOCK_R": 16, "SEGMENTED": segmented}
     configs = {
         "shrink": dict(small, BLOCK_K=16, SPLIT_K=2),
         "expand": dict(small, BLOCK_N=32),

@@ -54,13 +54,18 @@ def magnitude(c):
     return float(expected(c).abs().max()) if c["x"].shape[0] else 0.0
 
 
-def small(segmented: bool) -> dict:
+# grid modes (SEGMENTED): positions, segments, compact segments
+GRIDS = [0, 1, 2]
+GRID_IDS = ["positions", "segments", "compact"]
+
+
+def small(segmented: int) -> dict:
     """SMALL with every kernel in segments mode (one program per block of one slot's segment) or
     positions mode (one program per block of the slot-sorted order, walking its slots)."""
-    return {name: dict(config, SEGMENTED=int(segmented)) for name, config in SMALL.items()}
+    return {name: dict(config, SEGMENTED=segmented) for name, config in SMALL.items()}
 
 
-def run_delta(c, out, fused, x=None, batch=None, ranks="case", segmented=False):
+def run_delta(c, out, fused, x=None, batch=None, ranks="case", segmented=0):
     """kernels.lora_delta_ on a random case with the small test configs (x/batch/ranks overridable)."""
     batch = c["batch"] if batch is None else batch
     kernels.lora_delta_(
@@ -81,7 +86,7 @@ def run_delta(c, out, fused, x=None, batch=None, ranks="case", segmented=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_delta_kernels_match_reference(dtype, shape, fused, segmented):
     c = random_case(*shape, dtype=dtype, device=DEVICE)
     start = (torch.randn(shape[0], shape[3], device=DEVICE) * 3).to(dtype)
@@ -94,7 +99,7 @@ def test_delta_kernels_match_reference(dtype, shape, fused, segmented):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 @pytest.mark.parametrize("none_fraction", [0.0, 0.3, 1.0], ids=["all_slots", "some_none", "all_none"])
 def test_delta_written_over_a_poisoned_out(dtype, fused, segmented, none_fraction):
     """accumulate=False writes every token (the delta; zeros without a slot) and reads nothing
@@ -122,7 +127,7 @@ def test_delta_written_over_a_poisoned_out(dtype, fused, segmented, none_fractio
     assert (out[c["ids"] < 0] == 0).all()
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_expand_written_over_a_poisoned_out_with_split_partials(segmented):
     c = random_case(70, 4, 40, 65, 40, dtype=torch.float32, device=DEVICE, none_fraction=0.25)
     b = c["batch"]
@@ -165,7 +170,7 @@ def test_public_ops_on_the_triton_backend(dtype):
     assert_close(t, expected_t, torch.float32 if dtype == torch.float32 else dtype)
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_shrink_owns_nothing_past_the_rank_and_expand_never_reads_it(segmented):
     c = random_case(40, 4, 48, 24, 16, dtype=torch.float32, device=DEVICE)
     b = c["batch"]
@@ -200,7 +205,7 @@ def test_weights_past_the_rank_are_never_read_by_the_fused_kernel():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "shrink_expand"])
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_edge_batches(fused, segmented):
     empty = random_case(0, 2, 16, 16, 4, dtype=torch.float32, device=DEVICE)
     none = random_case(20, 3, 16, 24, 4, dtype=torch.float32, device=DEVICE, ids=torch.full((20,), -1))
@@ -211,7 +216,37 @@ def test_edge_batches(fused, segmented):
         assert torch.equal(out, start)
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["positions", "segments"])
+@pytest.mark.parametrize("accumulate", [True, False], ids=["add_into", "write"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
+def test_many_slots_few_tokens_each(segmented, accumulate):
+    """Decode-like batches over a stack of many slots (most of them empty, one with several
+    blocks of tokens, slots past a power of two): the compact grid's block numbering."""
+    ids = torch.full((50,), -1)
+    ids[:35] = 3  # three blocks of 16 (two full, one partial) for slot 3
+    ids[35:45] = torch.tensor([0, 5, 9, 16, 17, 30, 36, 36, 2, 35])
+    ids = ids[torch.randperm(50)]
+    c = random_case(50, 37, 40, 24, 8, dtype=torch.float32, device=DEVICE, ids=ids)
+    b = c["batch"]
+    start = torch.randn(50, 24, device=DEVICE)
+    out = start.clone() if accumulate else torch.full((50, 24), float("nan"), device=DEVICE)
+    kernels.lora_delta_(
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"],
+        out,
+        fused=False,
+        configs=small(segmented),
+        segments=(b.segment_starts, b.segment_lengths),
+        accumulate=accumulate,
+    )
+    assert_close(out, expected(c, start if accumulate else None), torch.float32)
+
+
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_results_are_bitwise_repeatable_and_order_independent(segmented):
     c = random_case(64, 5, 64, 48, 16, dtype=torch.bfloat16, device=DEVICE)
     order = torch.randperm(64, device=DEVICE)
@@ -264,7 +299,7 @@ def test_every_shipped_table_covers_every_shape(table, monkeypatch):
             for kernel in ("shrink", "expand", "weight_grad"):
                 config = configs.lookup(kernel, device, T, r, 4096)
                 assert config["BLOCK_M"] >= 16 and config["MAX_BLOCK_R"] >= 16
-                assert config.get("SEGMENTED", 0) in (0, 1)
+                assert config.get("SEGMENTED", 0) in (0, 1, 2)
             try:
                 fused = configs.lookup("fused", device, T, r, 4096)
             except ValueError:  # no fused row reaches T: shrink + expand
