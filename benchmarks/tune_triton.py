@@ -77,6 +77,9 @@ DECODE_CANDIDATES = {
     # for its 15 empty programs per busy one; the compact grid launches cdiv(T, 16) + min(S, T).
     "split16_compact": _candidate(None, _DECODE_SHRINK, _DECODE_EXPAND, 2),
     "split8_compact": _candidate(None, _DECODE_SHRINK | {"SPLIT_K": 8, "BLOCK_K": 256}, _DECODE_EXPAND, 2),
+    # programmatic dependent launch: the expand's launch overlaps the shrink's tail (Hopper; the
+    # two-launch decode shapes took 10-14 us on the H200, about two launch latencies)
+    "split16_compact_pdl": _candidate(None, _DECODE_SHRINK | {"PDL": 1}, _DECODE_EXPAND | {"PDL": 1}, 2),
 }
 _FUSED_RETIRED = {
     "BLOCK_M": 16,

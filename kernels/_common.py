@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -11,6 +12,11 @@ import triton.language as tl
 # Under the interpreter (TRITON_INTERPRET=1, CPU tests) tl.dot on bf16 gives wrong results, so
 # the kernels upcast before every dot there; on a GPU they keep the tensor-core dtypes.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+try:  # programmatic dependent launch (griddepcontrol, sm_90 and newer)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without them: PDL rows of a config table are ignored
+    gdc_launch_dependents = gdc_wait = None
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -252,6 +258,34 @@ class Grid:
         if self.starts is None:
             return token_order, token_order
         return self.starts, self.lengths
+
+
+def use_pdl(config: dict, device: torch.device) -> bool:
+    """Pops ``PDL`` from ``config``: True when the row asks for programmatic dependent launch and
+    this Triton and GPU have it (Hopper or newer, not the interpreter).
+
+    With it the shrink lets the next kernel launch once all its programs are running, and the
+    expand, launched as such a dependent, waits (``griddepcontrol.wait``) before its first load:
+    the expand's launch and scheduling overlap the shrink's tail instead of following it. The
+    wait comes before every load, so an expand after any other kernel is still correct.
+    """
+    return bool(config.pop("PDL", 0)) and _pdl_available(device)
+
+
+def _pdl_available(device: torch.device) -> bool:
+    if INTERPRETED or gdc_wait is None or device.type != "cuda":
+        return False
+    return _pdl_on_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_on_gpu(index: int) -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    known = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return known and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def rank_block(r_max: int, cap: int) -> int:

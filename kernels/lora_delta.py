@@ -140,6 +140,7 @@ def lora_delta_fused_(
     num_slots, r_max, _ = A.shape
     d_out = B.shape[1]
     config = dict(config)
+    config.pop("PDL", None)  # one launch: no dependent to overlap
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
     grid = Grid(config, num_tokens, num_slots, segments)
     starts, lengths = grid.pointers(token_order)

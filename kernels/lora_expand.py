@@ -24,10 +24,12 @@ from ._common import (
     check_dtype,
     expand_tile,
     first_slot,
+    gdc_wait,
     grid_tokens,
     next_slot,
     rank_block,
     slot_rank,
+    use_pdl,
 )
 from .configs import lookup
 
@@ -63,9 +65,12 @@ def _lora_expand_kernel(
     GRID: tl.constexpr,
     BLOCK_S: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    if WAIT_PRIOR:  # launched as a programmatic dependent: the prior grid's writes first
+        gdc_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,6 +170,9 @@ def lora_expand_(
         config = lookup("expand", out.device, num_tokens, r_max, d_out)
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
+    if use_pdl(config, out.device):
+        config["launch_pdl"] = True
+    pdl = config.get("launch_pdl", False)
     grid = Grid(config, num_tokens, num_slots, segments)
     starts, lengths = grid.pointers(token_order)
     programs = grid.slot_programs + (0 if accumulate else grid.none_programs())
@@ -194,6 +202,7 @@ def lora_expand_(
         GRID=grid.mode,
         BLOCK_S=grid.block_s,
         ACCUMULATE=accumulate,
+        WAIT_PRIOR=pdl,
         UPCAST=INTERPRETED,
         IEEE=B.dtype == torch.float32,
         **config,

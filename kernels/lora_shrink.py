@@ -19,11 +19,13 @@ from ._common import (
     Grid,
     check_dtype,
     first_slot,
+    gdc_launch_dependents,
     grid_tokens,
     next_slot,
     rank_block,
     shrink_tile,
     slot_rank,
+    use_pdl,
 )
 from .configs import lookup
 
@@ -56,9 +58,12 @@ def _lora_shrink_kernel(
     SPLIT_K: tl.constexpr,
     GRID: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the expand that reads t may launch now (it waits for this grid)
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
     tokens, slots = grid_tokens(
@@ -135,6 +140,7 @@ def lora_shrink_partials(
         config = lookup("shrink", x.device, num_tokens, r_max, d_in)
     config = dict(config)
     split_k = config.pop("SPLIT_K")
+    pdl = use_pdl(config, x.device)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
     allocate = torch.zeros if zeroed else torch.empty
     partials = allocate((split_k, num_tokens, r_max), dtype=torch.float32, device=x.device)
@@ -165,6 +171,7 @@ def lora_shrink_partials(
         SPLIT_K=split_k,
         GRID=grid.mode,
         BLOCK_S=grid.block_s,
+        LAUNCH_DEPENDENTS=pdl,
         UPCAST=INTERPRETED,
         IEEE=x.dtype == torch.float32,
         **config,

@@ -54,14 +54,19 @@ def compile_only() -> list[tuple[str, int]]:
     return compiled
 
 
-# both grids of the token-blocked kernels: positions of the slot-sorted order, and slot segments
-MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1}, {"SEGMENTED": 2})
+# the grids of the token-blocked kernels (positions of the slot-sorted order, slot segments,
+# compact slot segments), the last also with programmatic dependent launch
+MODES = ({"SEGMENTED": 0}, {"SEGMENTED": 1}, {"SEGMENTED": 2}, {"SEGMENTED": 2, "PDL": 1})
 
 
 def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
     """Every launcher, every dtype, per-slot ranks or not, each config-table row's token count,
     both grid modes, whole and split weight-gradient segments."""
     sys.path.insert(0, str(ROOT))
+    # rows that ask for programmatic dependent launch get it, as on an H100 (the check reads the
+    # CPU tensors' device otherwise), so griddepcontrol and launch_pdl are compiled too
+    common = importlib.import_module("kernels._common")
+    common._pdl_available = lambda device: common.gdc_wait is not None
     delta = importlib.import_module("kernels.lora_delta")
     backward = importlib.import_module("kernels.lora_delta_backward")
     subspace = importlib.import_module("kernels.subspace_project")

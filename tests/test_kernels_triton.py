@@ -246,6 +246,43 @@ def test_many_slots_few_tokens_each(segmented, accumulate):
     assert_close(out, expected(c, start if accumulate else None), torch.float32)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("accumulate", [True, False], ids=["add_into", "write"])
+@pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
+def test_programmatic_dependent_launch(segmented, accumulate):
+    """Configs with PDL: the expand launches while the shrink runs and waits for its writes (on
+    a Hopper GPU; elsewhere the row runs without it). Same bits as without PDL."""
+    from lora_fast.kernels import _common
+
+    if not _common._pdl_available(torch.device(DEVICE)):
+        pytest.skip("no programmatic dependent launch on this GPU or Triton")
+    c = random_case(300, 37, 256, 192, 16, dtype=torch.bfloat16, device=DEVICE, none_fraction=0.1)
+    b = c["batch"]
+    results = []
+    for pdl in (0, 1):
+        configs = {name: dict(config, PDL=pdl) for name, config in small(segmented).items()}
+        torch.manual_seed(0)
+        out = torch.randn(300, 192, device=DEVICE).to(torch.bfloat16)
+        start = out.clone()
+        kernels.lora_delta_(
+            c["x"],
+            c["A"],
+            c["B"],
+            b.token_order,
+            b.token_slots,
+            c["scales"],
+            c["ranks"],
+            out,
+            fused=False,
+            configs=configs,
+            segments=(b.segment_starts, b.segment_lengths),
+            accumulate=accumulate,
+        )
+        results.append(out)
+    assert torch.equal(results[0], results[1])
+    assert_close(results[1], expected(c, start if accumulate else None), torch.bfloat16)
+
+
 @pytest.mark.parametrize("segmented", GRIDS, ids=GRID_IDS)
 def test_results_are_bitwise_repeatable_and_order_independent(segmented):
     c = random_case(64, 5, 64, 48, 16, dtype=torch.bfloat16, device=DEVICE)
