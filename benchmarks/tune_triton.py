@@ -80,6 +80,15 @@ DECODE_CANDIDATES = {
     # programmatic dependent launch: the expand's launch overlaps the shrink's tail (Hopper; the
     # two-launch decode shapes took 10-14 us on the H200, about two launch latencies)
     "split16_compact_pdl": _candidate(None, _DECODE_SHRINK | {"PDL": 1}, _DECODE_EXPAND | {"PDL": 1}, 2),
+    # one launch for T=1 (an issue target): each program still runs the whole shrink of its
+    # tokens, so fewer, wider output blocks (A read 16 times, not 32) and a deeper, wider K
+    # pipeline than the retired fused rows, whose 16 serial K steps of 256 took 19-27 us at T=1
+    "fused_n256_k512": _candidate(
+        {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 512, "MAX_BLOCK_R": 64, "num_warps": 8, "num_stages": 3},
+        _DECODE_SHRINK,
+        _DECODE_EXPAND,
+        2,
+    ),
 }
 _FUSED_RETIRED = {
     "BLOCK_M": 16,
