@@ -5,6 +5,12 @@ Each kernel has a list of entries; the first whose bounds hold (``max_tokens``, 
 kernel" for its shapes (the fused delta: use shrink + expand there). Nothing is autotuned at run
 time; benchmarks/tune_triton.py writes a GPU's table from measurements.
 ``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
+
+A config holds the kernel's block sizes (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_N``, ``BLOCK_D``),
+``SPLIT_K`` / ``SPLIT_M``, ``MAX_BLOCK_R`` (rank columns per pass), Triton's ``num_warps`` and
+``num_stages``, and for the token-blocked kernels ``SEGMENTED`` (the grid: 0 positions,
+1 segments, 2 compact segments; see ``_common.Grid``) and ``PDL`` (1: programmatic dependent
+launch of the expand after the shrink, on Hopper; see ``_common.use_pdl``).
 """
 
 from __future__ import annotations
