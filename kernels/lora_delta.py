@@ -18,6 +18,7 @@ from ._common import (
     INTERPRETED,
     Grid,
     add_scaled,
+    cdiv,
     check_dtype,
     expand_tile,
     first_slot,
@@ -144,7 +145,7 @@ def lora_delta_fused_(
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
     grid = Grid(config, num_tokens, num_slots, segments)
     starts, lengths = grid.pointers(token_order)
-    _lora_delta_fused_kernel[(grid.slot_programs, triton.cdiv(d_out, config["BLOCK_N"]))](
+    _lora_delta_fused_kernel[(grid.slot_programs, cdiv(d_out, config["BLOCK_N"]))](
         x,
         A,
         B,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dtype, dot, slot_rank
+from ._common import INTERPRETED, cdiv, check_dtype, dot, next_power_of_2, slot_rank
 from .configs import lookup
 from .lora_expand import lora_expand_
 from .lora_shrink import lora_shrink_partials
@@ -128,12 +128,12 @@ def _weight_grad(
     num_slots = segment_starts.shape[0]
     num_tokens = rows.shape[0]
     width, r_max = rows.shape[1], coef.shape[2]
-    block_r = max(16, min(config.pop("MAX_BLOCK_R"), triton.next_power_of_2(max(r_max, 1))))
-    column_blocks = triton.cdiv(width, config["BLOCK_D"])
+    block_r = max(16, min(config.pop("MAX_BLOCK_R"), next_power_of_2(max(r_max, 1))))
+    column_blocks = cdiv(width, config["BLOCK_D"])
     split_m = config.pop("SPLIT_M", 0)
     if split_m <= 0:
-        wanted = triton.cdiv(2 * _multiprocessors(rows.device), num_slots * column_blocks)
-        split_m = max(1, min(16, wanted, triton.cdiv(num_tokens, config["BLOCK_M"])))
+        wanted = cdiv(2 * _multiprocessors(rows.device), num_slots * column_blocks)
+        split_m = max(1, min(16, wanted, cdiv(num_tokens, config["BLOCK_M"])))
     target, target_strides, split_stride = grad, grad_strides, 0
     if split_m > 1:
         target = torch.zeros(split_m, num_slots, r_max, width, dtype=torch.float32, device=grad.device)

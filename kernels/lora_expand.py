@@ -21,6 +21,7 @@ from ._common import (
     INTERPRETED,
     Grid,
     add_scaled,
+    cdiv,
     check_dtype,
     expand_tile,
     first_slot,
@@ -176,7 +177,7 @@ def lora_expand_(
     grid = Grid(config, num_tokens, num_slots, segments)
     starts, lengths = grid.pointers(token_order)
     programs = grid.slot_programs + (0 if accumulate else grid.none_programs())
-    _lora_expand_kernel[(programs, triton.cdiv(d_out, config["BLOCK_N"]))](
+    _lora_expand_kernel[(programs, cdiv(d_out, config["BLOCK_N"]))](
         partials,
         B,
         out,

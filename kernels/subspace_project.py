@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_dtype
+from ._common import INTERPRETED, cdiv, check_dtype, next_power_of_2
 
 MAX_BASIS = 1024  # K held in registers per program; larger bases are split by the caller
 
@@ -95,10 +95,10 @@ def subspace_project(weights: torch.Tensor, basis: torch.Tensor) -> tuple[torch.
     residual = torch.empty(num_rows, dtype=torch.float32, device=weights.device)
     if num_rows == 0:
         return coefficients, residual
-    block_k = max(16, triton.next_power_of_2(K))
+    block_k = max(16, next_power_of_2(K))
     block_rows = 16 if INTERPRETED else max(16, min(64, 8192 // block_k))
     block_d = 128 if INTERPRETED else 64
-    grid = (triton.cdiv(num_rows, block_rows),)
+    grid = (cdiv(num_rows, block_rows),)
     _subspace_project_kernel[grid](
         weights,
         basis,
