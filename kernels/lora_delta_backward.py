@@ -57,12 +57,11 @@ def _lora_weight_grad_kernel(
     slot = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_split = tl.program_id(2)
-    if HAS_GRAD_SLOTS:
-        if tl.load(grad_slots_ptr + slot) == 0:
-            return
     start = tl.load(segment_starts_ptr + slot)
     length = tl.load(segment_lengths_ptr + slot)
     rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
+    if HAS_GRAD_SLOTS:  # a frozen slot's gradient is written as zeros, like its rows past the rank
+        rank = tl.where(tl.load(grad_slots_ptr + slot) != 0, rank, 0)
     scale = tl.load(scales_ptr + slot)
     columns = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     column_ok = columns < width
@@ -72,11 +71,14 @@ def _lora_weight_grad_kernel(
     chunk = tl.cdiv(tl.cdiv(length, BLOCK_M), SPLIT_M) * BLOCK_M
     m_begin = pid_split * chunk
     m_end = tl.minimum(length, m_begin + chunk)
-    for r0 in range(0, rank, BLOCK_R):
+    # every rank row of the plane is written (zeros past the slot's rank), so the gradient
+    # needs no zero-filled buffer; passes past the rank skip the token loop
+    for r0 in range(0, r_max, BLOCK_R):
         ranks_here = r0 + offs_r
         rank_ok = ranks_here < rank
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for m0 in range(m_begin, m_end, BLOCK_M):
+        m_stop = tl.where(r0 < rank, m_end, m_begin)
+        for m0 in range(m_begin, m_stop, BLOCK_M):
             in_segment = m0 + offs_m < m_end
             tokens = tl.load(token_order_ptr + start + m0 + offs_m, mask=in_segment, other=0)
             rows = tl.load(
@@ -97,7 +99,9 @@ def _lora_weight_grad_kernel(
         grad += ranks_here[:, None] * stride_grad_rank
         grad += columns[None, :] * stride_grad_col
         tl.store(
-            grad, (acc * scale).to(grad_ptr.dtype.element_ty), mask=rank_ok[:, None] & column_ok[None, :]
+            grad,
+            (acc * scale).to(grad_ptr.dtype.element_ty),
+            mask=(ranks_here < r_max)[:, None] & column_ok[None, :],
         )
 
 
@@ -135,8 +139,8 @@ def _weight_grad(
         wanted = cdiv(2 * _multiprocessors(rows.device), num_slots * column_blocks)
         split_m = max(1, min(16, wanted, cdiv(num_tokens, config["BLOCK_M"])))
     target, target_strides, split_stride = grad, grad_strides, 0
-    if split_m > 1:
-        target = torch.zeros(split_m, num_slots, r_max, width, dtype=torch.float32, device=grad.device)
+    if split_m > 1:  # (every entry of every plane is written)
+        target = torch.empty(split_m, num_slots, r_max, width, dtype=torch.float32, device=grad.device)
         target_strides, split_stride = target.stride()[1:], target.stride(0)
     _lora_weight_grad_kernel[(num_slots, column_blocks, split_m)](
         coef,
@@ -165,7 +169,7 @@ def _weight_grad(
         **config,
     )
     if split_m > 1:
-        grad.as_strided((num_slots, r_max, width), grad_strides).copy_(target.sum(dim=0))
+        torch.sum(target, dim=0, out=grad.as_strided((num_slots, r_max, width), grad_strides))
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -212,14 +216,12 @@ def lora_delta_backward(
     num_tokens, d_in = x.shape
     r_max, d_out = A.shape[1], B.shape[1]
     grad_out = grad_out.to(x.dtype)
+    # every kernel below writes all of its output (zeros where a gradient is zero): no fills
     dx = torch.empty_like(x) if needs_x else None
-    dA = torch.zeros_like(A) if needs_A else None
-    dB = torch.zeros_like(B) if needs_B else None
+    dA = torch.empty_like(A, memory_format=torch.contiguous_format) if needs_A else None
+    dB = torch.empty_like(B, memory_format=torch.contiguous_format) if needs_B else None
     if num_tokens == 0 or r_max == 0:
-        if dx is not None:
-            dx.zero_()
-        return dx, dA, dB
-    mask = grad_slots.to(torch.int8) if grad_slots is not None else None
+        return tuple(g.zero_() if g is not None else None for g in (dx, dA, dB))
     grad_config = configs.get("weight_grad") or lookup(
         "weight_grad", x.device, num_tokens, r_max, max(d_in, d_out)
     )
@@ -252,7 +254,7 @@ def lora_delta_backward(
                 accumulate=False,
             )
         if needs_A:
-            _weight_grad(u_partials, x, dA, dA.stride(), scales, *segments, ranks, mask, grad_config)
+            _weight_grad(u_partials, x, dA, dA.stride(), scales, *segments, ranks, grad_slots, grad_config)
     if needs_B:
         t = t_partials
         if t is None:
@@ -267,5 +269,5 @@ def lora_delta_backward(
                 zeroed=False,
             )
         strides = (dB.stride(0), dB.stride(2), dB.stride(1))  # dB[slot] written as [r_max, d_out]
-        _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, mask, grad_config)
+        _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, grad_slots, grad_config)
     return dx, dA, dB

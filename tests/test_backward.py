@@ -1,5 +1,7 @@
 """Gradients of lora_delta: every backend against the reference, gradcheck, and mixed batches."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -217,6 +219,49 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
     )
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])
+def test_triton_weight_gradients_write_every_entry(split_m):
+    """The weight-gradient kernel writes its whole output (zeros for a frozen slot, an empty
+    segment and rank rows past a slot's rank), so the backward allocates dA and dB unfilled: a
+    NaN-filled output comes back finite and equal to the reference."""
+    pytest.importorskip("lora_fast.kernels")
+    backward = importlib.import_module("lora_fast.kernels.lora_delta_backward")
+
+    ids = torch.randint(0, 3, (60,))
+    ids[:7] = -1
+    c = random_case(60, 4, 40, 36, 24, dtype=torch.float32, device=DEVICE, ids=ids)  # slot 3: empty
+    c["ranks"][1] = 5
+    b = c["batch"]
+    grad_slots = torch.tensor([True, True, False, True], device=DEVICE)
+    grad_out = torch.randn(60, 36, device=DEVICE)
+    config = {
+        "BLOCK_M": 16,
+        "BLOCK_D": 32,
+        "MAX_BLOCK_R": 16,
+        "SPLIT_M": split_m,
+        "num_warps": 4,
+        "num_stages": 1,
+    }
+    t = reference.lora_shrink(c["x"], c["A"], b, c["ranks"]).float()
+    dB = torch.full_like(c["B"], float("nan"))
+    strides = (dB.stride(0), dB.stride(2), dB.stride(1))
+    segments = (b.token_order, b.segment_starts, b.segment_lengths)
+    backward._weight_grad(t, grad_out, dB, strides, c["scales"], *segments, c["ranks"], grad_slots, config)
+    expected = reference.lora_delta_backward(
+        grad_out.double(),
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        b,
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+    )[2]
+    assert not dB.isnan().any()
+    assert_close(dB, expected, torch.float32)
+    assert (dB[2] == 0).all() and (dB[3] == 0).all() and (dB[1, :, 5:] == 0).all()
 
 
 def _backend_device_dtype(backend):
