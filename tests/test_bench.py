@@ -258,3 +258,25 @@ def test_training_benchmark_graph_columns(monkeypatch):
     assert row["floor_fraction_graph"] == pytest.approx(row["hbm_floor_us"] / 4.0)
     if row["grouped_mm_us"] is not None:  # torch._grouped_mm runs here
         assert row["grouped_mm_graph_us"] is None and row["speedup_vs_grouped_mm_graph"] is None
+
+
+@pytest.mark.slow
+def test_host_launch_times_every_case_without_a_gpu():
+    """benchmarks/host_launch compiles the kernels for sm_90 with a stand-in driver, stubs their
+    launches and times the host's share of each case (a fresh process: no interpreter)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_launch", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "us of host thread time" in line]
+    assert len(lines) == 6
+    assert all(0 < float(line.split("us of host")[0].split()[-1]) < 1e5 for line in lines)
