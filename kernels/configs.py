@@ -57,14 +57,25 @@ def _table_path(override: str, device_type: str, index: int | None) -> Path:
 
 def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict | None:
     """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d (None: the
-    table says not to use this kernel there)."""
-    config = _lookup(table_path(device), kernel, num_tokens, rank, d)
+    table says not to use this kernel there; ValueError: no entry covers the shape)."""
+    path = table_path(device)
+    found, config = _lookup(path, kernel, num_tokens, rank, d)
+    if not found:
+        raise ValueError(f"{path}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")
+    return None if config is None else dict(config)
+
+
+def find(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict | None:
+    """:func:`lookup`, with None also where no entry covers the shape (an optional kernel: the
+    fused delta, which a table may leave out; no exception raised and caught per launch)."""
+    config = _lookup(table_path(device), kernel, num_tokens, rank, d)[1]
     return None if config is None else dict(config)
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(path: Path, kernel: str, num_tokens: int, rank: int, d: int) -> dict | None:
-    entries = _table(str(path))[kernel]
+def _lookup(path: Path, kernel: str, num_tokens: int, rank: int, d: int) -> tuple[bool, dict | None]:
+    """``(found, config)`` of the first entry whose bounds hold (cached, misses included)."""
+    entries = _table(str(path)).get(kernel, [])
     for entry in entries:
         when = entry.get("when", {})
         if (
@@ -72,5 +83,5 @@ def _lookup(path: Path, kernel: str, num_tokens: int, rank: int, d: int) -> dict
             and rank <= when.get("max_rank", rank)
             and d <= when.get("max_d", d)
         ):
-            return entry["config"]
-    raise ValueError(f"{path}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")
+            return True, entry["config"]
+    return False, None

@@ -28,7 +28,7 @@ from ._common import (
     shrink_tile,
     slot_rank,
 )
-from .configs import lookup
+from .configs import find
 from .lora_expand import lora_expand_
 from .lora_shrink import lora_shrink_partials
 
@@ -233,7 +233,4 @@ def lora_delta_(
 
 
 def _fused_config(device: torch.device, num_tokens: int, r_max: int, d_in: int) -> dict | None:
-    try:
-        return lookup("fused", device, num_tokens, r_max, d_in)
-    except ValueError:  # no fused entry covers this many tokens
-        return None
+    return find("fused", device, num_tokens, r_max, d_in)  # None: no fused entry covers the shape
