@@ -245,6 +245,8 @@ class Grid:
         block_m = config["BLOCK_M"]
         positions = cdiv(num_tokens, block_m)
         mode = config.pop("SEGMENTED", 0)
+        if mode not in (POSITIONS, SEGMENTS, COMPACT_SEGMENTS):
+            raise ValueError(f"SEGMENTED must be 0, 1 or 2, got {mode!r}")
         self.mode = mode if segments is not None else POSITIONS
         self.blocks_per_slot = positions
         self.block_s = max(16, next_power_of_2(max(num_slots, 1)))
@@ -253,10 +255,8 @@ class Grid:
             self.slot_programs = num_slots * positions
         elif self.mode == COMPACT_SEGMENTS:
             self.slot_programs = positions + min(num_slots, num_tokens)
-        elif self.mode == POSITIONS:
-            self.slot_programs = positions
         else:
-            raise ValueError(f"SEGMENTED must be 0, 1 or 2, got {mode!r}")
+            self.slot_programs = positions
 
     def none_programs(self) -> int:
         """Programs for the tokens without a slot, which lead the slot-sorted order (grid modes

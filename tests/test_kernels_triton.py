@@ -352,3 +352,23 @@ def test_strided_weights_are_read_through_their_strides(fused):
     out = torch.zeros(33, 40, device=DEVICE)
     run_delta(c, out, fused)
     assert_close(out, expected(c), torch.float32)
+
+
+def test_unknown_grid_mode_is_refused():
+    c = random_case(8, 2, 16, 16, 4, dtype=torch.float32, device=DEVICE)
+    out = torch.zeros(8, 16, device=DEVICE)
+    configs = {name: dict(config, SEGMENTED=3) for name, config in SMALL.items()}
+    with pytest.raises(ValueError, match="SEGMENTED must be 0, 1 or 2"):
+        kernels.lora_delta_(
+            c["x"],
+            c["A"],
+            c["B"],
+            c["batch"].token_order,
+            c["batch"].token_slots,
+            c["scales"],
+            None,
+            out,
+            fused=False,
+            configs=configs,
+            segments=None,
+        )
