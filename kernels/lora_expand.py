@@ -171,9 +171,9 @@ def lora_expand_(
         config = lookup("expand", out.device, num_tokens, r_max, d_out)
     config = dict(config)
     block_r = rank_block(r_max, config.pop("MAX_BLOCK_R"))
-    if use_pdl(config, out.device):
+    pdl = use_pdl(config, out.device)
+    if pdl:  # (Triton's launch option; never passed where it does not apply, e.g. the interpreter)
         config["launch_pdl"] = True
-    pdl = config.get("launch_pdl", False)
     grid = Grid(config, num_tokens, num_slots, segments)
     starts, lengths = grid.pointers(token_order)
     programs = grid.slot_programs + (0 if accumulate else grid.none_programs())
