@@ -27,7 +27,7 @@ TORCH_LIBRARY(lora_fast_C, m) {
   m.def(
       "lora_delta_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor token_order, "
       "Tensor segment_starts, Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor? grad_slots, "
-      "bool needs_x, bool needs_A, bool needs_B) -> (Tensor, Tensor, Tensor)");
+      "bool needs_x, bool needs_A, bool needs_B, Tensor? t=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "fused_lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor token_order, "
       "Tensor segment_starts, Tensor segment_lengths, Tensor scales, Tensor? ranks) -> Tensor");

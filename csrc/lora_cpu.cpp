@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
     const at::Tensor& token_order, const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
     const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, const std::optional<at::Tensor>& grad_slots,
-    bool needs_x, bool needs_A, bool needs_B) {
+    bool needs_x, bool needs_A, bool needs_B, const std::optional<at::Tensor>& t_kept) {
   TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
                         B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
                     "lora_delta_backward expects x [T, d_in], A [S, r_max, d_in], B [S, d_out, r_max]");
@@ -356,12 +356,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
 
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = needs_x ? at::zeros_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  at::Tensor dA = needs_A ? at::zeros_like(A) : at::empty({0}, x.options());
-  at::Tensor dB = needs_B ? at::zeros({S, d_out, r_max}, x.options()) : at::empty({0}, x.options());
+  // The weight-gradient items write every entry of their slots (rank rows past a slot's rank
+  // as zeros); only the slots they skip are zero-filled here.
+  at::Tensor dA = needs_A ? at::empty_like(A) : at::empty({0}, x.options());
+  at::Tensor dB = needs_B ? at::empty({S, d_out, r_max}, x.options()) : at::empty({0}, x.options());
   const bool weights = (needs_A || needs_B) && !grad_items.empty();
+  const int64_t slot_bytes_A = r_max * d_in * static_cast<int64_t>(x.element_size());
+  const int64_t slot_bytes_B = r_max * d_out * static_cast<int64_t>(x.element_size());
+  for (int64_t s = 0; s < S; ++s) {
+    if (weights && trains[s] && meta.lengths[s] > 0 && meta.ranks[s] > 0) continue;
+    if (needs_A) std::memset(static_cast<char*>(dA.mutable_data_ptr()) + s * slot_bytes_A, 0, slot_bytes_A);
+    if (needs_B) std::memset(static_cast<char*>(dB.mutable_data_ptr()) + s * slot_bytes_B, 0, slot_bytes_B);
+  }
   if (meta.items.empty() || (!needs_x && !weights)) return {dx, dA, dB};
   at::Tensor u = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
-  at::Tensor t = needs_B && weights ? at::zeros({T, r_max}, x.options().dtype(acc_dtype)) : at::Tensor();
+  // t = A x for dB: the forward's (lora_shrink's output, kept by eager autograd) when given,
+  // else computed here for the trained slots' tokens.
+  at::Tensor t;
+  if (t_kept.has_value()) {
+    TORCH_CHECK_VALUE(t_kept->dim() == 2 && t_kept->size(0) == T && t_kept->size(1) == r_max &&
+                          t_kept->scalar_type() == acc_dtype,
+                      "t must be the forward's lora_shrink output [", T, ", ", r_max, "] in ", acc_dtype);
+    if (needs_B && weights) t = row_major(*t_kept);
+  } else if (needs_B && weights) {
+    t = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_delta_backward_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
@@ -425,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
       fwd.r_max = r_max;
       fwd.d_in = d_in;
       fwd.d_out = d_out;
-      run_parallel<scalar_t, acc_t, Mode::kShrink>(fwd, grad_items);
+      if (!t_kept.has_value()) run_parallel<scalar_t, acc_t, Mode::kShrink>(fwd, grad_items);
       g.coef = t.const_data_ptr<acc_t>();
       g.coef_row_stride = t.stride(0);
       g.rows = grad_out.const_data_ptr<scalar_t>();

@@ -215,18 +215,99 @@ inline void expand(bool stream, int m, const acc_t* t, int64_t ldt, const acc_t*
   });
 }
 
-// Transposes the first k columns of a slot's [rows, r_max] block into dst [k][rows] (acc_t), in
-// blocks of rows so the block stays in L1 while each of the k rows of dst is written contiguously.
-template <typename scalar_t, typename acc_t>
-inline void transpose_rank_columns(const scalar_t* src, int64_t rows, int64_t r_max, int64_t k, acc_t* dst) {
-  constexpr int64_t kBlock = 64;
-  for (int64_t n0 = 0; n0 < rows; n0 += kBlock) {
-    const int64_t n1 = std::min(rows, n0 + kBlock);
-    for (int64_t j = 0; j < k; ++j) {
-      acc_t* out = dst + j * rows;
-      for (int64_t n = n0; n < n1; ++n) out[n] = static_cast<acc_t>(src[n * r_max + j]);
+// An N x N tile of acc_t held in N vectors of N lanes, transposed in log2(N) rounds of two-input
+// shuffles: round H exchanges, between rows i and i + H (i without bit H), the lanes whose bit H
+// differs, i.e. the off-diagonal H x H blocks of every 2H x 2H block.
+template <typename acc_t, int N>
+struct SquareTile {
+  typedef acc_t vec __attribute__((vector_size(N * sizeof(acc_t))));
+
+  template <int H, bool Upper, std::size_t... I>
+  static inline vec mix(vec a, vec b, std::index_sequence<I...>) {
+    // lane l of the lower row: a[l] where bit H of l is clear, else b[l - H]; of the upper row:
+    // a[l + H] where it is clear, else b[l] (index N + l names b's lane l)
+#if defined(__clang__)
+    return __builtin_shufflevector(
+        a, b, (Upper ? ((I & H) ? N + I : I + H) : ((I & H) ? N + I - H : I))...);
+#else
+    typedef std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t> index_t;
+    typedef index_t mask __attribute__((vector_size(N * sizeof(acc_t))));
+    return __builtin_shuffle(
+        a, b, mask{static_cast<index_t>(Upper ? ((I & H) ? N + I : I + H) : ((I & H) ? N + I - H : I))...});
+#endif
+  }
+
+  template <int H>
+  static inline void round(vec* r) {
+    for (int i = 0; i < N; ++i) {
+      if (i & H) continue;
+      const vec lo = mix<H, false>(r[i], r[i + H], std::make_index_sequence<N>{});
+      const vec hi = mix<H, true>(r[i], r[i + H], std::make_index_sequence<N>{});
+      r[i] = lo;
+      r[i + H] = hi;
+    }
+    if constexpr (H > 1) round<H / 2>(r);
+  }
+
+  // dst[j * ld_dst + i] = scale * src[i * ld_src + j] for i, j < N.
+  static inline void transpose(const acc_t* src, int64_t ld_src, acc_t* dst, int64_t ld_dst, acc_t scale) {
+    vec r[N];
+    for (int i = 0; i < N; ++i) __builtin_memcpy(&r[i], src + i * ld_src, sizeof(vec));
+    round<N / 2>(r);
+    for (int j = 0; j < N; ++j) {
+      const vec v = r[j] * scale;
+      __builtin_memcpy(dst + j * ld_dst, &v, sizeof(vec));
     }
   }
+};
+
+template <typename src_t, typename dst_t, typename acc_t>
+inline void transpose_scalar(const src_t* src, int64_t ld_src, int64_t rows, int64_t cols, dst_t* dst,
+                             int64_t ld_dst, acc_t scale) {
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i)
+      dst[j * ld_dst + i] = static_cast<dst_t>(scale * static_cast<acc_t>(src[i * ld_src + j]));
+}
+
+template <int N, typename acc_t>
+inline void transpose_tiles(const acc_t* src, int64_t ld_src, int64_t rows, int64_t cols, acc_t* dst,
+                            int64_t ld_dst, acc_t scale) {
+  int64_t i0 = 0;
+  for (; i0 + N <= rows; i0 += N) {
+    int64_t j0 = 0;
+    for (; j0 + N <= cols; j0 += N)
+      SquareTile<acc_t, N>::transpose(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst, scale);
+    transpose_scalar(src + i0 * ld_src + j0, ld_src, N, cols - j0, dst + j0 * ld_dst + i0, ld_dst, scale);
+  }
+  transpose_scalar(src + i0 * ld_src, ld_src, rows - i0, cols, dst + i0, ld_dst, scale);
+}
+
+// dst[j * ld_dst + i] = scale * src[i * ld_src + j] for i < rows, j < cols. Between acc_t arrays
+// it goes through N x N register tiles, N the widest power of two (up to one register) that the
+// shorter side holds, so rank 8, 16 or 64 blocks are whole tiles; conversions go element by element.
+template <typename src_t, typename dst_t, typename acc_t>
+inline void transpose_scaled(const src_t* src, int64_t ld_src, int64_t rows, int64_t cols, dst_t* dst,
+                             int64_t ld_dst, acc_t scale) {
+  if constexpr (std::is_same<src_t, acc_t>::value && std::is_same<dst_t, acc_t>::value) {
+    constexpr int lanes = Simd<acc_t>::lanes;
+    const int64_t side = std::min(rows, cols);
+    if constexpr (lanes >= 16) {
+      if (side >= 16) return transpose_tiles<16>(src, ld_src, rows, cols, dst, ld_dst, scale);
+    }
+    if constexpr (lanes >= 8) {
+      if (side >= 8) return transpose_tiles<8>(src, ld_src, rows, cols, dst, ld_dst, scale);
+    }
+    if constexpr (lanes >= 4) {
+      if (side >= 4) return transpose_tiles<4>(src, ld_src, rows, cols, dst, ld_dst, scale);
+    }
+  }
+  transpose_scalar(src, ld_src, rows, cols, dst, ld_dst, scale);
+}
+
+// The first k columns of a slot's [rows, r_max] block as dst [k][rows] (acc_t).
+template <typename scalar_t, typename acc_t>
+inline void transpose_rank_columns(const scalar_t* src, int64_t rows, int64_t r_max, int64_t k, acc_t* dst) {
+  transpose_scaled(src, r_max, rows, k, dst, rows, acc_t(1));
 }
 
 // One run of work items (each: up to kChunkTokens tokens of one slot, in adapter-sorted order).
@@ -440,14 +521,31 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
         }
       }
     }
+    // Every entry of the item's columns is written, rank rows past k as zeros, so the
+    // gradients need no zero fill beforehand.
     const acc_t scale = static_cast<acc_t>(p.scales[item.slot]);
     scalar_t* out = p.grad + item.slot * p.grad_slot_stride;
-    for (int64_t jj = 0; jj < k; ++jj)
-      for (int64_t c = 0; c < width; ++c) {
-        const int64_t col = item.column_begin + c;
-        const int64_t index = p.transposed_out ? col * p.r_max + jj : jj * p.grad_row_stride + col;
-        out[index] = static_cast<scalar_t>(scale * g[jj * width + c]);
+    if (p.transposed_out) {
+      scalar_t* block = out + item.column_begin * p.r_max;
+      transpose_scaled(g.data(), width, k, width, block, p.r_max, scale);
+      if (k < p.r_max)
+        for (int64_t c = 0; c < width; ++c) std::fill(block + c * p.r_max + k, block + (c + 1) * p.r_max, scalar_t(0));
+    } else {
+      for (int64_t jj = 0; jj < p.r_max; ++jj) {
+        scalar_t* row = out + jj * p.grad_row_stride + item.column_begin;
+        if (jj >= k) {
+          std::fill(row, row + width, scalar_t(0));
+          continue;
+        }
+        const acc_t* src = g.data() + jj * width;
+        int64_t c = 0;
+        if constexpr (!convert) {
+          using S = Simd<acc_t>;
+          for (; c + S::lanes <= width; c += S::lanes) S::store(row + c, S::load(src + c) * scale);
+        }
+        for (; c < width; ++c) row[c] = static_cast<scalar_t>(scale * src[c]);
       }
+    }
   }
 }
 

@@ -145,10 +145,14 @@ def _delta_into(
     ranks: Tensor | None,
     out: Tensor,
     accumulate: bool = True,
+    keep_t: bool = False,
 ) -> Tensor | None:
     """The delta added into ``out`` (written there with ``accumulate=False``: ``out`` may then
-    hold anything). Returns the Triton shrink's split-K partials of x, which the backward can
-    take instead of running that shrink again, or None (other backends, the one-launch kernel)."""
+    hold anything). Returns the shrink of x as the backward can take it instead of running that
+    shrink again (``t_partials``), or None: the Triton kernels' split-K partials (always, as the
+    kernels write them anyway, except the one-launch kernel), the C++ kernels' ``t [T, r_max]``
+    when ``keep_t`` (the shrink and the expand then run as two calls, which costs the same at
+    training sizes; without it, one fused call keeps t in registers)."""
     backend = select(x.device, x.dtype)
     if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
@@ -174,9 +178,12 @@ def _delta_into(
     else:
         if not accumulate:
             target.zero_()
-        _compiled().lora_delta_(
-            x, A, B, token_order, segment_starts, segment_lengths, scales, _int64(ranks), target
-        )
+        segments = (token_order, segment_starts, segment_lengths)
+        if keep_t and backend == "cpu":  # (the CUDA C++ forward's backward runs on Triton)
+            partials = _compiled().lora_shrink(x, A, *segments, _int64(ranks))
+            _compiled().lora_expand_(partials, B, *segments, scales, _int64(ranks), target)
+        else:
+            _compiled().lora_delta_(x, A, B, *segments, scales, _int64(ranks), target)
     if target is not out:
         out.copy_(target)
     return partials
@@ -192,12 +199,13 @@ def _delta_forward(
     segment_lengths: Tensor,
     scales: Tensor,
     ranks: Tensor | None,
+    keep_t: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``(delta, t_partials)``: a new delta tensor (the Triton kernels write it, so it is never
     zero-filled first) and the partials of :func:`_delta_into`."""
     out = torch.empty((x.shape[0], B.shape[1]), dtype=x.dtype, device=x.device)
     metadata = (token_slots, token_order, segment_starts, segment_lengths)
-    partials = _delta_into(x, A, B, *metadata, scales, ranks, out, accumulate=False)
+    partials = _delta_into(x, A, B, *metadata, scales, ranks, out, accumulate=False, keep_t=keep_t)
     return out, partials
 
 
@@ -243,8 +251,9 @@ def _delta_backward_impl(
     needs_B: bool,
     t_partials: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # t_partials: the forward's Triton shrink partials of x (eager autograd keeps them), so the
-    # Triton backward skips that shrink; the custom op recomputes them (same kernel, same bits).
+    # t_partials: the forward's shrink of x as its backend kept it (Triton: split-K partials;
+    # C++: t itself), which eager autograd passes so the backward skips that shrink; the custom
+    # op recomputes it (same kernel, same bits).
     needs = (needs_x, needs_A, needs_B)
     backend = _backward_backend(x.device, x.dtype)
     if backend == "torch":
@@ -281,6 +290,7 @@ def _delta_backward_impl(
             needs_x,
             needs_A,
             needs_B,
+            t_partials,
         )
     # custom ops cannot return None: an unneeded gradient travels as an empty tensor
     return tuple(
@@ -408,7 +418,9 @@ class _DeltaFunction(torch.autograd.Function):
         ctx, x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots
     ):
         metadata = (token_slots, token_order, segment_starts, segment_lengths)
-        delta, t_partials = _delta_forward(x, A, B, *metadata, scales, ranks)
+        keep_t = ctx.needs_input_grad[2]  # dB needs the shrink of x
+        delta, t_partials = _delta_forward(x, A, B, *metadata, scales, ranks, keep_t)
+        ctx.t_backend = select(x.device, x.dtype)
         ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots, t_partials)
         return delta
 
@@ -426,7 +438,8 @@ class _DeltaIntoFunction(torch.autograd.Function):
     def forward(ctx, out, x, A, B, *rest):
         token_slots, token_order, segment_starts, segment_lengths, scales, ranks, grad_slots = rest
         metadata = (token_slots, token_order, segment_starts, segment_lengths)
-        t_partials = _delta_into(x, A, B, *metadata, scales, ranks, out)
+        t_partials = _delta_into(x, A, B, *metadata, scales, ranks, out, keep_t=ctx.needs_input_grad[3])
+        ctx.t_backend = select(x.device, x.dtype)
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, A, B, *metadata, scales, ranks, grad_slots, t_partials)
         return out
@@ -440,6 +453,8 @@ def _eager_backward(ctx, grad_out: Tensor, first: int) -> tuple:
     """Gradients of x, A and B (None where not needed), then None for the metadata arguments."""
     x, A, B, *metadata, scales, ranks, grad_slots, t_partials = ctx.saved_tensors
     needs = ctx.needs_input_grad[first : first + 3]
+    if t_partials is not None and _backward_backend(x.device, x.dtype) != ctx.t_backend:
+        t_partials = None  # the backend changed between forward and backward: it computes its own
     grads = _delta_backward_impl(
         grad_out, x, A, B, *metadata, scales, ranks, grad_slots, *needs, t_partials=t_partials
     )

@@ -264,6 +264,78 @@ def test_triton_weight_gradients_write_every_entry(split_m):
     assert (dB[2] == 0).all() and (dB[3] == 0).all() and (dB[1, :, 5:] == 0).all()
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b_layout", ["contiguous", "rank_major"])
+def test_cpu_weight_gradients_write_every_entry(monkeypatch, isa, dtype, b_layout):
+    """The C++ backward allocates dA and dB unfilled: its weight-gradient items write every entry
+    of a trained slot (rank rows past the slot's rank as zeros) and the skipped slots (frozen,
+    empty segment, rank 0) are zero-filled. With torch's deterministic mode, unfilled memory comes
+    from the allocator as NaN, so an entry left unwritten shows. Ranks 5, 8, 16 and 19 with
+    r_max 19 cover the 8- and 16-wide register transposes and their scalar edges."""
+    monkeypatch.setenv("LORA_FAST_CPU_ISA", isa)
+    ids = torch.randint(0, 4, (90,))
+    ids[:7] = -1
+    c = random_case(90, 5, 300, 270, 19, dtype=dtype, ids=ids)  # slot 4: empty segment
+    c["ranks"] = torch.tensor([19, 5, 16, 8, 19])
+    if b_layout == "rank_major":
+        c["B"] = c["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    grad_slots = torch.tensor([True, True, True, False, True])
+    grad_out = torch.randn(90, 270, dtype=torch.float64).to(dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(4, dtype=dtype).isnan().all()  # the fill this test relies on
+        got = grads_of(c, "cpu", dtype, grad_out, grad_slots)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    expected = reference.lora_delta_backward(
+        grad_out.double(),
+        c["x"].double(),
+        c["A"].double(),
+        c["B"].double(),
+        c["batch"],
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+    )
+    for g, e in zip(got, expected, strict=True):
+        assert not g.isnan().any()
+        assert_close(g, e, dtype)
+    _, dA, dB = got
+    assert (dA[3] == 0).all() and (dA[4] == 0).all() and (dA[1, 5:] == 0).all()
+    assert (dB[3] == 0).all() and (dB[4] == 0).all() and (dB[1, :, 5:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backward_takes_the_forward_shrink(dtype):
+    """Eager autograd keeps the C++ forward's ``t = A x`` (lora_shrink's output) and hands it to
+    the C++ backward, which then skips its own shrink: same bits as recomputing it, dB made
+    from the t passed (a changed t changes dB and nothing else), and a t of the wrong shape or
+    dtype is refused."""
+    if lora_fast.backends.cpu_isa() is None:
+        pytest.skip("the C++ extension is not built")
+    ops = torch.ops.lora_fast_C
+    c = random_case(50, 4, 40, 30, 8, dtype=dtype)
+    b = c["batch"]
+    segments = (b.token_order, b.segment_starts, b.segment_lengths)
+    grad_out = torch.randn(50, 30).to(dtype)
+    args = (grad_out, c["x"], c["A"], c["B"], *segments, c["scales"], c["ranks"], None, True, True, True)
+    t = ops.lora_shrink(c["x"], c["A"], *segments, c["ranks"])
+    recomputed = ops.lora_delta_backward(*args)
+    kept = ops.lora_delta_backward(*args, t)
+    for g, h in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(g, h, rtol=0, atol=0)
+    changed = ops.lora_delta_backward(*args, 2 * t)
+    torch.testing.assert_close(changed[0], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(changed[1], kept[1], rtol=0, atol=0)
+    assert_close(changed[2], 2 * kept[2].double(), dtype)
+    with pytest.raises(ValueError, match="lora_shrink output"):
+        ops.lora_delta_backward(*args, t[:, :4])
+    with pytest.raises(ValueError, match="lora_shrink output"):
+        ops.lora_delta_backward(*args, t.double())
+
+
 def _backend_device_dtype(backend):
     """Where and in what dtype a backend's eager/custom-op comparison runs."""
     if backend != "triton":
