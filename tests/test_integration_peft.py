@@ -171,6 +171,50 @@ def test_training_step_puts_the_same_gradients_in_peft_parameters():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _mixed_training_grads(model, ids, names, lift_peft_check=False):
+    model.train()
+    if lift_peft_check:  # PEFT's refusal reads the LoraModel's own flag; its layers stay in training
+        model.base_model.training = False
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    torch.manual_seed(11)  # the same dropout masks in every run
+    model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no_dropout", "dropout"])
+def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypatch):
+    """PEFT refuses adapter_names in training mode; an accelerated model trains the mix. The
+    gradients equal those of PEFT's own mixed-batch forward (its training check lifted by hand:
+    PEFT computes the same thing there), adapters left out of the batch get none (.grad None,
+    so an optimizer leaves them alone), and the un-accelerated model still raises PEFT's error.
+    With lora_dropout the layers take PEFT's forward (a mask per adapter), so the masks and the
+    gradients are PEFT's exactly."""
+    torch.manual_seed(5)
+    ids = torch.randint(1, 97, (5, 8))
+    names = ["a0", "a3", "__base__", "a1", "a3"]
+
+    reference = peft_model(dropout=dropout)
+    with pytest.raises(ValueError, match="training mode"):
+        _mixed_training_grads(reference, ids, names)
+    reference.zero_grad(set_to_none=True)
+    expected = _mixed_training_grads(reference, ids, names, lift_peft_check=True)
+
+    model = lora_fast.accelerate(peft_model(dropout=dropout))
+    if not dropout:  # every layer on lora_fast's path: none may fall back to PEFT's forward
+        from lora_fast.integrations import peft as integration
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("fell back to PEFT's forward")
+
+        monkeypatch.setattr(integration, "_peft_forward", refuse)
+    got = _mixed_training_grads(model, ids, names)
+    assert expected.keys() == got.keys()
+    assert {n.split(".")[-2] for n in got if "lora_" in n} == {"a0", "a1", "a3"}  # not a2
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_merge_and_unload_and_merged_adapters_fall_back_to_peft():
     model = peft_model()
     ids = torch.randint(1, 97, (2, 5))

@@ -13,7 +13,10 @@ once, aLoRA offsets) falls back to PEFT's forward for that call.
 
 PEFT hands ``adapter_names`` to its layers by registering a hook on every LoRA module for every
 forward call. When every LoRA layer of the model is accelerated, the model's names are handed to
-its layers directly instead (same checks, same errors), which saves that per-call walk.
+its layers directly instead (same checks, same errors), which saves that per-call walk, and a
+mixed batch may then also train: ``model.train(); model(**inputs, adapter_names=[...]).loss
+.backward()`` puts each adapter's gradients, from its own tokens only, in its PEFT parameters
+(PEFT itself refuses ``adapter_names`` in training mode).
 """
 
 from __future__ import annotations
@@ -238,8 +241,9 @@ def _names_to_layers(tuner: nn.Module, *args, **kwargs):
         with type(tuner)._enable_peft_forward_hooks(tuner, *args, **kwargs):
             yield
         return
-    if tuner.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    # (PEFT refuses adapter_names in training mode; here a mixed batch trains: each adapter's
+    # gradients come from its own tokens, through lora_fast's backward, or through PEFT's own
+    # mixed-batch forward for adapters with lora_dropout, which draws a mask per adapter.)
     unexpected = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - set(state.slot_of())
     if unexpected:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
@@ -401,20 +405,23 @@ class _LayerState:
                 stamps[name] = (a, b, version)
         return A, B, scales, ranks
 
-    def training_stacks(self, layer: nn.Module, slot_of: dict[str, int]) -> tuple:
+    def training_stacks(self, layer: nn.Module, slot_of: dict[str, int], names: frozenset[str]) -> tuple:
         """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd.
 
         The stack is rebuilt every call (gradients must reach PEFT's own parameters through it);
-        a full-rank adapter's weights go in as they are (no pad), and the small per-slot tensors
-        are made on the device only when their values change: a tensor built from a Python list
-        on a GPU is a blocking copy, which would stall every layer of every training step.
+        only the adapters of the batch (``names``) go in: the other slots hold a shared zero
+        filler, so an adapter left out of the batch gets no gradient at all (its ``.grad`` stays
+        None, as in PEFT, and an optimizer leaves it alone) and costs no copy. A full-rank
+        adapter's weights go in as they are (no pad), and the small per-slot tensors are made on
+        the device only when their values change: a tensor built from a Python list on a GPU is
+        a blocking copy, which would stall every layer of every training step.
         """
         lora_A, lora_B, scaling = layer.lora_A, layer.lora_B, layer.scaling
         r_max = self.r_max
         A_slots, B_slots, values = [], [], []
         filler = None
         for name in slot_of:
-            if name in lora_A:
+            if name in names:
                 a, b = lora_A[name].weight, lora_B[name].weight
                 rank = a.shape[0]
                 if rank != r_max:
@@ -422,7 +429,7 @@ class _LayerState:
                 A_slots.append(a)
                 B_slots.append(b)
                 values.append((float(scaling.get(name, 0.0)), rank, a.requires_grad))
-            else:  # this adapter does not target this layer: rank 0
+            else:  # not in the batch, or not targeting this layer: rank 0
                 if filler is None:
                     filler = self._zero_slot(lora_A, layer)
                 A_slots.append(filler[0])
@@ -500,7 +507,7 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         return self.base_layer(x, *args, **kwargs)
     slot_of = model_state.slot_of()
     if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here):
-        A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_of)
+        A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_of, names_here)
         result = self.base_layer(x, *args, **kwargs)
         return _add_delta(
             result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
