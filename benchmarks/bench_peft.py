@@ -8,8 +8,11 @@ Every adapter has rank 16 on the seven projections of every decoder layer. A bat
 cycles through L adapters (``adapter_names``). Timed in one process: the base model alone (no
 PEFT), PEFT's mixed-batch forward, and a twin of that PeftModel after ``lora_fast.accelerate``,
 for a decode-like batch (many sequences of 1 token) and a prefill-like one, plus greedy
-generation. On the CPU the three run in interleaved rounds, so the drift of a shared machine
-falls on all of them alike. The ceiling is the base model: LoRA for free.
+generation, plus one training step of the prefill-like batch's adapters (PEFT refuses
+``adapter_names`` in training, so it runs a forward and backward per adapter; the accelerated
+model runs the mixed batch once; the gradients are checked equal). On the CPU the variants run
+in interleaved rounds, so the drift of a shared machine falls on all of them alike. The ceiling
+is the base model: LoRA for free.
 
 Each row also states what the adapters' own bytes cost: ``adapter_mb`` is the LoRA weights of
 the batch's adapters (every accelerated forward reads each of them once), and
@@ -139,6 +142,8 @@ def run(
         models = (base_model, peft_model, fast_model)
         rows.append(generation_row(*models, L, shapes["decode"][0], vocab, new_tokens, device, bandwidth))
         common.record_row(rows[-1])
+        rows.append(training_row(peft_model, fast_model, L, *shapes["prefill"], vocab, device, repetitions))
+        common.record_row(rows[-1])
     return rows
 
 
@@ -222,6 +227,79 @@ def generation_row(
     print(
         f"  generated tokens equal to PEFT's: {same} (sequences {same_sequences:.0%}, "
         f"first new token {same_first:.0%})",
+        flush=True,
+    )
+    return row
+
+
+def training_row(peft_model, fast_model, L, sequences, length, vocab, device, repetitions) -> dict:
+    """One training step of the batch's adapters, each on its own sequences (no optimizer).
+
+    PEFT refuses ``adapter_names`` in training mode, so it takes one forward and backward per
+    adapter: ``set_adapter``, that adapter's sequences, its share of the batch's loss. The
+    accelerated twin takes the mixed batch in one forward and backward. Both give every adapter
+    the same gradients (checked here); the step's speed is the difference.
+    """
+    ids = torch.randint(1, vocab, (sequences, length), device=device)
+    names = [f"a{i % L}" for i in range(sequences)]
+    adapters = sorted(set(names))
+    rows_of = {a: torch.tensor([i for i, n in enumerate(names) if n == a], device=device) for a in adapters}
+
+    def peft_step():
+        peft_model.zero_grad(set_to_none=True)
+        for adapter, rows in rows_of.items():
+            peft_model.base_model.set_adapter(adapter)  # that adapter trainable, the others frozen
+            sub = ids[rows]
+            (peft_model(input_ids=sub, labels=sub).loss * (len(rows) / sequences)).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def fast_step():
+        fast_model.zero_grad(set_to_none=True)
+        fast_model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    peft_model.train()
+    fast_model.train()
+    for name, param in fast_model.named_parameters():
+        param.requires_grad_(any(f".{a}." in name for a in adapters) and "lora_" in name)
+    try:
+        peft_step()
+        fast_step()
+        expected = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+        got = {n: p.grad for n, p in fast_model.named_parameters() if p.grad is not None}
+        if expected.keys() != got.keys():
+            raise RuntimeError(
+                f"gradients of different parameters: {sorted(expected.keys() ^ got.keys())[:4]}"
+            )
+        error = max(
+            float((got[n].double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
+            for n, e in expected.items()
+        )
+        fns = {"peft": peft_step, "lora_fast": fast_step}
+        if device == "cuda":
+            times = {name: common.gpu_median_us(fn, repetitions, graph=False) for name, fn in fns.items()}
+        else:
+            times = common.interleaved_median_us(fns, min_run_time=0.0, min_rounds=3)
+    finally:
+        peft_model.eval()
+        fast_model.eval()
+    row = {
+        "phase": "train",
+        "adapters": L,
+        "sequences": sequences,
+        "tokens_per_sequence": length,
+        "peft_us": times["peft"],
+        "lora_fast_us": times["lora_fast"],
+        "speedup_vs_peft": times["peft"] / times["lora_fast"],
+        "lora_fast_tokens_per_s": sequences * length / times["lora_fast"] * 1e6,
+        "max_rel_grad_error_vs_peft": error,
+    }
+    print(
+        f"train    L={L:3d} {sequences}x{length}: PEFT (one pass per adapter) {times['peft'] / 1e3:8.2f} ms"
+        f"  lora_fast (one mixed pass) {times['lora_fast'] / 1e3:8.2f} ms  x{row['speedup_vs_peft']:.2f}"
+        f"  grad error {error:.1e}",
         flush=True,
     )
     return row
