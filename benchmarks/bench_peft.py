@@ -278,8 +278,9 @@ def training_row(peft_model, fast_model, L, sequences, length, vocab, device, re
             for n, e in expected.items()
         )
         fns = {"peft": peft_step, "lora_fast": fast_step}
-        if device == "cuda":
-            times = {name: common.gpu_median_us(fn, repetitions, graph=False) for name, fn in fns.items()}
+        if device == "cuda":  # (a PEFT step is one pass per adapter: few repetitions keep it short)
+            reps = min(repetitions, 5)
+            times = {name: common.gpu_median_us(fn, reps, graph=False) for name, fn in fns.items()}
         else:
             times = common.interleaved_median_us(fns, min_run_time=0.0, min_rounds=3)
     finally:
