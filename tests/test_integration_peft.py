@@ -187,7 +187,8 @@ def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypat
     """PEFT refuses adapter_names in training mode; an accelerated model trains the mix. The
     gradients equal those of PEFT's own mixed-batch forward (its training check lifted by hand:
     PEFT computes the same thing there), adapters left out of the batch get none (.grad None,
-    so an optimizer leaves them alone), and the un-accelerated model still raises PEFT's error.
+    so an optimizer leaves them alone) and stay out of the training stacks, and the
+    un-accelerated model still raises PEFT's error.
     With lora_dropout the layers take PEFT's forward (a mask per adapter), so the masks and the
     gradients are PEFT's exactly."""
     torch.manual_seed(5)
@@ -207,8 +208,17 @@ def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypat
         def refuse(*args, **kwargs):
             raise AssertionError("fell back to PEFT's forward")
 
+        stack_sizes = []
+
+        def recording_delta(x, A, *args, **kwargs):
+            stack_sizes.append(A.shape[0])
+            return lora_fast.lora_delta(x, A, *args, **kwargs)
+
         monkeypatch.setattr(integration, "_peft_forward", refuse)
+        monkeypatch.setattr(integration, "lora_delta", recording_delta)
     got = _mixed_training_grads(model, ids, names)
+    if not dropout:  # the training stacks hold the batch's 3 adapters, not the model's 4
+        assert stack_sizes and set(stack_sizes) == {3}
     assert expected.keys() == got.keys()
     assert {n.split(".")[-2] for n in got if "lora_" in n} == {"a0", "a1", "a3"}  # not a2
     for name in expected:

@@ -174,6 +174,8 @@ class _ModelState:
         self.batch_names: frozenset[str] = frozenset()
         self._one_slot_key: object = None
         self._one_slot: AdapterBatch | None = None
+        self._training_key: object = None
+        self._training: tuple = ()
 
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
@@ -207,6 +209,21 @@ class _ModelState:
             self.batch_names = frozenset(adapter_names) - {BASE_ADAPTER_NAME}
             self._batch_key = key
         return self._batch
+
+    def training_batch(self, adapter_names: list[str], seq_len: int, device: torch.device) -> tuple:
+        """``(AdapterBatch, names)`` numbered over the call's own adapters (``names[slot]``), not
+        the model's: a training stack is rebuilt every call, so it holds only the adapters the
+        batch uses and its cost does not grow with the adapters the model has loaded."""
+        key = (tuple(adapter_names), seq_len, device)
+        if key != self._training_key:
+            names = tuple(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER_NAME))
+            local = {name: slot for slot, name in enumerate(names)}
+            ids = [local.get(name, NO_ADAPTER) for name in adapter_names]
+            batch = AdapterBatch(
+                torch.tensor(ids, dtype=torch.int64), max(len(names), 1), seq_len=seq_len, device=device
+            )
+            self._training, self._training_key = (batch, names), key
+        return self._training
 
     def one_slot_batch(self, num_tokens: int, device: torch.device) -> AdapterBatch:
         """Every token in slot 0 of a one-slot stack (training through PEFT's own parameters)."""
@@ -405,22 +422,24 @@ class _LayerState:
                 stamps[name] = (a, b, version)
         return A, B, scales, ranks
 
-    def training_stacks(self, layer: nn.Module, slot_of: dict[str, int], names: frozenset[str]) -> tuple:
-        """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd.
+    def training_stacks(self, layer: nn.Module, slot_names: tuple[str, ...], names: frozenset[str]) -> tuple:
+        """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd,
+        slot s holding adapter ``slot_names[s]`` (the training batch's own numbering).
 
-        The stack is rebuilt every call (gradients must reach PEFT's own parameters through it);
-        only the adapters of the batch (``names``) go in: the other slots hold a shared zero
-        filler, so an adapter left out of the batch gets no gradient at all (its ``.grad`` stays
-        None, as in PEFT, and an optimizer leaves it alone) and costs no copy. A full-rank
-        adapter's weights go in as they are (no pad), and the small per-slot tensors are made on
-        the device only when their values change: a tensor built from a Python list on a GPU is
-        a blocking copy, which would stall every layer of every training step.
+        The stack is rebuilt every call (gradients must reach PEFT's own parameters through it),
+        so it holds the batch's adapters only: an adapter the model has but the batch does not
+        use gets no gradient at all (its ``.grad`` stays None, as in PEFT, and an optimizer leaves
+        it alone) and costs no copy. A batch adapter this layer lacks (``names`` are the ones it
+        has) gets a shared zero filler. A full-rank adapter's weights go in as they are (no pad),
+        and the small per-slot tensors are made on the device only when their values change: a
+        tensor built from a Python list on a GPU is a blocking copy, which would stall every
+        layer of every training step.
         """
         lora_A, lora_B, scaling = layer.lora_A, layer.lora_B, layer.scaling
         r_max = self.r_max
         A_slots, B_slots, values = [], [], []
         filler = None
-        for name in slot_of:
+        for name in slot_names:
             if name in names:
                 a, b = lora_A[name].weight, lora_B[name].weight
                 rank = a.shape[0]
@@ -429,7 +448,7 @@ class _LayerState:
                 A_slots.append(a)
                 B_slots.append(b)
                 values.append((float(scaling.get(name, 0.0)), rank, a.requires_grad))
-            else:  # not in the batch, or not targeting this layer: rank 0
+            else:  # this adapter does not target this layer: rank 0
                 if filler is None:
                     filler = self._zero_slot(lora_A, layer)
                 A_slots.append(filler[0])
@@ -497,7 +516,8 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
             f"{len(adapter_names)} and {len(x)} respectively."
         )
     rows = x.reshape(-1, x.shape[-1])
-    batch = model_state.batch(adapter_names, rows.shape[0] // len(adapter_names), x.device)
+    seq_len = rows.shape[0] // len(adapter_names)
+    batch = model_state.batch(adapter_names, seq_len, x.device)
     names_here, peft_path = layer_state.names_in_batch(model_state.batch_names)
     if peft_path:
         return _peft_forward(self, x, adapter_names, args, kwargs)
@@ -505,13 +525,14 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         return _peft_forward(self, x, adapter_names, args, kwargs)  # per-adapter dropout masks
     if not names_here:
         return self.base_layer(x, *args, **kwargs)
-    slot_of = model_state.slot_of()
     if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here):
-        A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_of, names_here)
+        batch, slot_names = model_state.training_batch(adapter_names, seq_len, x.device)
+        A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_names, names_here)
         result = self.base_layer(x, *args, **kwargs)
         return _add_delta(
             result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
         )
+    slot_of = model_state.slot_of()
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
 
