@@ -368,3 +368,40 @@ def test_changes_made_while_an_adapter_sits_out_of_the_batch_reach_it_later():
                     layer.scaling[name] *= 3.0
         rows = ids[: len(names)]
         assert_same(logits(model, rows, adapter_names=names), logits(twin, rows, adapter_names=names))
+
+
+def test_hf_trainer_trains_several_adapters_in_mixed_batches(tmp_path):
+    """transformers' Trainer on an accelerated PEFT model: a collator adds each batch's
+    adapter_names (remove_unused_columns=False keeps it), every step mixes three adapters, and
+    the optimizer moves exactly those adapters' weights; the fourth, never in a batch, stays."""
+    from transformers import Trainer, TrainingArguments
+
+    model = lora_fast.accelerate(peft_model())
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    torch.manual_seed(7)
+    examples = [{"input_ids": torch.randint(1, 97, (8,)), "adapter": f"a{i % 3}"} for i in range(12)]
+
+    def collate(rows):
+        ids = torch.stack([row["input_ids"] for row in rows])
+        return {"input_ids": ids, "labels": ids, "adapter_names": [row["adapter"] for row in rows]}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=6,
+        max_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,  # would move an adapter handed a zero gradient instead of none
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=collate).train()
+    moved = {
+        n.split(".")[-2]
+        for n, p in model.named_parameters()
+        if "lora_" in n and not torch.equal(p, before[n])
+    }
+    assert moved == {"a0", "a1", "a2"}
