@@ -27,12 +27,17 @@ def peft_model(dtype=torch.float32, dropout=0.0, extra_targets=()):
     )
     model = peft.get_peft_model(base, config, adapter_name="a0", autocast_adapter_dtype=False)
     model.add_adapter(
-        "a1", peft.LoraConfig(r=8, lora_alpha=8, use_rslora=True, target_modules=PROJECTIONS[:4])
+        "a1",
+        peft.LoraConfig(
+            r=8, lora_alpha=8, lora_dropout=dropout, use_rslora=True, target_modules=PROJECTIONS[:4]
+        ),
     )
     model.add_adapter(
         "a2", peft.LoraConfig(r=2, lora_alpha=16, target_modules=["v_proj", "down_proj", "lm_head"])
     )
-    model.add_adapter("a3", peft.LoraConfig(r=16, lora_alpha=4, target_modules=PROJECTIONS))
+    model.add_adapter(
+        "a3", peft.LoraConfig(r=16, lora_alpha=4, lora_dropout=dropout, target_modules=PROJECTIONS)
+    )
     randomize(model)
     return model.eval()
 
@@ -188,9 +193,9 @@ def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypat
     gradients equal those of PEFT's own mixed-batch forward (its training check lifted by hand:
     PEFT computes the same thing there), adapters left out of the batch get none (.grad None,
     so an optimizer leaves them alone) and stay out of the training stacks, and the
-    un-accelerated model still raises PEFT's error.
-    With lora_dropout the layers take PEFT's forward (a mask per adapter), so the masks and the
-    gradients are PEFT's exactly."""
+    un-accelerated model still raises PEFT's error. With lora_dropout the masks are drawn as
+    PEFT draws them (a mask per adapter's sub-batch, in PEFT's order), so the gradients are
+    PEFT's, and no layer falls back to PEFT's forward."""
     torch.manual_seed(5)
     ids = torch.randint(1, 97, (5, 8))
     names = ["a0", "a3", "__base__", "a1", "a3"]
@@ -202,23 +207,21 @@ def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypat
     expected = _mixed_training_grads(reference, ids, names, lift_peft_check=True)
 
     model = lora_fast.accelerate(peft_model(dropout=dropout))
-    if not dropout:  # every layer on lora_fast's path: none may fall back to PEFT's forward
-        from lora_fast.integrations import peft as integration
+    from lora_fast.integrations import peft as integration
 
-        def refuse(*args, **kwargs):
-            raise AssertionError("fell back to PEFT's forward")
+    def refuse(*args, **kwargs):  # every layer stays on lora_fast's path, dropout or not
+        raise AssertionError("fell back to PEFT's forward")
 
-        stack_sizes = []
+    stack_sizes = []
 
-        def recording_delta(x, A, *args, **kwargs):
-            stack_sizes.append(A.shape[0])
-            return lora_fast.lora_delta(x, A, *args, **kwargs)
+    def recording_delta(x, A, *args, **kwargs):
+        stack_sizes.append(A.shape[0])
+        return lora_fast.lora_delta(x, A, *args, **kwargs)
 
-        monkeypatch.setattr(integration, "_peft_forward", refuse)
-        monkeypatch.setattr(integration, "lora_delta", recording_delta)
+    monkeypatch.setattr(integration, "_peft_forward", refuse)
+    monkeypatch.setattr(integration, "lora_delta", recording_delta)
     got = _mixed_training_grads(model, ids, names)
-    if not dropout:  # the training stacks hold the batch's 3 adapters, not the model's 4
-        assert stack_sizes and set(stack_sizes) == {3}
+    assert stack_sizes and set(stack_sizes) == {3}  # the batch's 3 adapters, not the model's 4
     assert expected.keys() == got.keys()
     assert {n.split(".")[-2] for n in got if "lora_" in n} == {"a0", "a1", "a3"}  # not a2
     for name in expected:

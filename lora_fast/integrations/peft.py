@@ -521,20 +521,40 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     names_here, peft_path = layer_state.names_in_batch(model_state.batch_names)
     if peft_path:
         return _peft_forward(self, x, adapter_names, args, kwargs)
-    if self.training and any(getattr(self.lora_dropout[n], "p", 0.0) > 0 for n in names_here):
-        return _peft_forward(self, x, adapter_names, args, kwargs)  # per-adapter dropout masks
     if not names_here:
         return self.base_layer(x, *args, **kwargs)
-    if torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here):
+    dropout = self.training and any(getattr(self.lora_dropout[n], "p", 0.0) > 0 for n in names_here)
+    if dropout or (torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here)):
         batch, slot_names = model_state.training_batch(adapter_names, seq_len, x.device)
         A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_names, names_here)
         result = self.base_layer(x, *args, **kwargs)
-        return _add_delta(
-            result, self._cast_input_dtype(rows, A.dtype), A, B, batch, scales, ranks, grad_slots
-        )
+        if dropout:
+            lora_input = _dropped_like_peft(self, x, adapter_names, A.dtype).reshape(rows.shape)
+        else:
+            lora_input = self._cast_input_dtype(rows, A.dtype)
+        return _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots)
     slot_of = model_state.slot_of()
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
+
+
+def _dropped_like_peft(layer: nn.Module, x: torch.Tensor, adapter_names: list[str], dtype) -> torch.Tensor:
+    """x in ``dtype`` with each adapter's ``lora_dropout`` applied to its own sequences, drawn
+    exactly as PEFT's mixed-batch forward draws them: the same sub-batches (``x[indices]``), in
+    the same order (iterating ``set(adapter_names)``), from the same RNG, so a mixed training
+    batch with dropout gets PEFT's masks bit for bit. Adapters without dropout draw nothing."""
+    dropped = x.to(dtype)
+    if dropped is x:
+        dropped = x.clone()  # (written below; x itself stays as the base layer saw it)
+    for name in set(adapter_names):
+        if name == BASE_ADAPTER_NAME or name not in layer.lora_A.keys():
+            continue
+        module = layer.lora_dropout[name]
+        if isinstance(module, nn.Identity):
+            continue
+        indices = [index for index, item in enumerate(adapter_names) if item == name]
+        dropped[indices] = module(x[indices].to(dtype))
+    return dropped
 
 
 def _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scales, ranks) -> torch.Tensor:
