@@ -176,6 +176,8 @@ class _ModelState:
         self._one_slot: AdapterBatch | None = None
         self._training_key: object = None
         self._training: tuple = ()
+        self._groups_key: object = None
+        self._groups: tuple = ()
 
     def slot_of(self) -> dict[str, int]:
         """Adapter name -> slot over every adapter of the model (re-read when adapters change)."""
@@ -224,6 +226,19 @@ class _ModelState:
             )
             self._training, self._training_key = (batch, names), key
         return self._training
+
+    def dropout_groups(self, adapter_names: list[str], device: torch.device) -> tuple:
+        """``((name, sequence indices), ...)`` in the order PEFT's mixed-batch forward visits the
+        adapters (iterating ``set(adapter_names)``), "__base__" left out; made once per call."""
+        key = (tuple(adapter_names), device)
+        if key != self._groups_key:
+            self._groups = tuple(
+                (name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device))
+                for name in set(adapter_names)
+                if name != BASE_ADAPTER_NAME
+            )
+            self._groups_key = key
+        return self._groups
 
     def one_slot_batch(self, num_tokens: int, device: torch.device) -> AdapterBatch:
         """Every token in slot 0 of a one-slot stack (training through PEFT's own parameters)."""
@@ -529,7 +544,8 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_names, names_here)
         result = self.base_layer(x, *args, **kwargs)
         if dropout:
-            lora_input = _dropped_like_peft(self, x, adapter_names, A.dtype).reshape(rows.shape)
+            groups = model_state.dropout_groups(adapter_names, x.device)
+            lora_input = _dropped_like_peft(self, x, groups, A.dtype).reshape(rows.shape)
         else:
             lora_input = self._cast_input_dtype(rows, A.dtype)
         return _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots)
@@ -538,23 +554,25 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
 
 
-def _dropped_like_peft(layer: nn.Module, x: torch.Tensor, adapter_names: list[str], dtype) -> torch.Tensor:
-    """x in ``dtype`` with each adapter's ``lora_dropout`` applied to its own sequences, drawn
-    exactly as PEFT's mixed-batch forward draws them: the same sub-batches (``x[indices]``), in
-    the same order (iterating ``set(adapter_names)``), from the same RNG, so a mixed training
-    batch with dropout gets PEFT's masks bit for bit. Adapters without dropout draw nothing."""
-    dropped = x.to(dtype)
-    if dropped is x:
-        dropped = x.clone()  # (written below; x itself stays as the base layer saw it)
-    for name in set(adapter_names):
-        if name == BASE_ADAPTER_NAME or name not in layer.lora_A.keys():
-            continue
-        module = layer.lora_dropout[name]
-        if isinstance(module, nn.Identity):
-            continue
-        indices = [index for index, item in enumerate(adapter_names) if item == name]
-        dropped[indices] = module(x[indices].to(dtype))
-    return dropped
+def _dropped_like_peft(layer: nn.Module, x: torch.Tensor, groups: tuple, dtype) -> torch.Tensor:
+    """x in ``dtype`` with each adapter's ``lora_dropout`` applied to its own sequences, with the
+    masks PEFT's mixed-batch forward draws: the same sub-batch shapes, in the same order
+    (``groups``: :meth:`_ModelState.dropout_groups`), from the same RNG (a dropout mask depends
+    on its input's shape, dtype and device, not its values, so it is drawn on ones). The masks
+    go into one tensor outside autograd and x is multiplied by it once: no per-adapter gather,
+    scatter or autograd node, which in PEFT's loop cost more than the LoRA itself."""
+    mask = None
+    with torch.no_grad():
+        for name, indices in groups:
+            module = layer.lora_dropout[name] if name in layer.lora_dropout else None
+            if module is None or isinstance(module, nn.Identity):
+                continue
+            drawn = module(torch.ones((len(indices), *x.shape[1:]), dtype=dtype, device=x.device))
+            if mask is None:
+                mask = torch.ones(x.shape, dtype=dtype, device=x.device)
+            mask[indices] = drawn
+    rows = x.to(dtype)
+    return rows if mask is None else rows * mask
 
 
 def _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scales, ranks) -> torch.Tensor:
