@@ -44,20 +44,19 @@ def test_gradcheck_float64(backend, shape):
         assert torch.autograd.gradcheck(f, inputs)
 
 
+def reference_grads(c, grad_out, grad_slots=None):
+    """``(dx, dA, dB)`` of the float64 reference on the case's (already rounded) inputs."""
+    x, A, B = (c[k].double() for k in ("x", "A", "B"))
+    return reference.lora_delta_backward(
+        grad_out.double(), x, A, B, c["batch"], c["scales"], c["ranks"], grad_slots
+    )
+
+
 def check_against_reference(backend, dtype, shape, grad_slots, device="cpu"):
     c = random_case(*shape, dtype=dtype)
     grad_out = torch.randn(shape[0], shape[3], dtype=torch.float64).to(dtype)
     got = grads_of(c, backend, dtype, grad_out, grad_slots, device=device)
-    expected = reference.lora_delta_backward(
-        grad_out.double(),
-        c["x"].double(),
-        c["A"].double(),
-        c["B"].double(),
-        c["batch"],
-        c["scales"],
-        c["ranks"],
-        grad_slots,
-    )
+    expected = reference_grads(c, grad_out, grad_slots)
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, dtype)
 
@@ -207,16 +206,7 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
         grad_slots,
         configs=configs,
     )
-    expected = reference.lora_delta_backward(
-        grad_out.double(),
-        c["x"].double(),
-        c["A"].double(),
-        c["B"].double(),
-        b,
-        c["scales"],
-        c["ranks"],
-        grad_slots,
-    )
+    expected = reference_grads(c, grad_out, grad_slots)
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, torch.float32)
 
@@ -249,16 +239,7 @@ def test_triton_weight_gradients_write_every_entry(split_m):
     strides = (dB.stride(0), dB.stride(2), dB.stride(1))
     segments = (b.token_order, b.segment_starts, b.segment_lengths)
     backward._weight_grad(t, grad_out, dB, strides, c["scales"], *segments, c["ranks"], grad_slots, config)
-    expected = reference.lora_delta_backward(
-        grad_out.double(),
-        c["x"].double(),
-        c["A"].double(),
-        c["B"].double(),
-        b,
-        c["scales"],
-        c["ranks"],
-        grad_slots,
-    )[2]
+    expected = reference_grads(c, grad_out, grad_slots)[2]
     assert not dB.isnan().any()
     assert_close(dB, expected, torch.float32)
     assert (dB[2] == 0).all() and (dB[3] == 0).all() and (dB[1, :, 5:] == 0).all()
@@ -289,16 +270,7 @@ def test_cpu_weight_gradients_write_every_entry(monkeypatch, isa, dtype, b_layou
         got = grads_of(c, "cpu", dtype, grad_out, grad_slots)
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    expected = reference.lora_delta_backward(
-        grad_out.double(),
-        c["x"].double(),
-        c["A"].double(),
-        c["B"].double(),
-        c["batch"],
-        c["scales"],
-        c["ranks"],
-        grad_slots,
-    )
+    expected = reference_grads(c, grad_out, grad_slots)
     for g, e in zip(got, expected, strict=True):
         assert not g.isnan().any()
         assert_close(g, e, dtype)
