@@ -30,25 +30,30 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from triton.backends.compiler import GPUTarget
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Sm90Driver:
+    """The little of a Triton driver that compiling needs: an sm_90 target, a device and a
+    stream (tests/sm90_compile.py compiles through it too)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
 
 
 def _stand_in_gpu() -> Callable[[], None]:
     """Triton compiles for sm_90 and launches nothing. Returns a function that makes later
     launches go the normal way (after one call of each case has compiled its kernels)."""
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
-
-    class Sm90Driver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
 
     driver.set_active(Sm90Driver())
     launch = JITFunction.run
