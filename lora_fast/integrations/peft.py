@@ -274,8 +274,8 @@ def _names_to_layers(tuner: nn.Module, *args, **kwargs):
             yield
         return
     # (PEFT refuses adapter_names in training mode; here a mixed batch trains: each adapter's
-    # gradients come from its own tokens, through lora_fast's backward, or through PEFT's own
-    # mixed-batch forward for adapters with lora_dropout, which draws a mask per adapter.)
+    # gradients come from its own tokens through lora_fast's backward, with lora_dropout masks
+    # drawn as PEFT's mixed-batch forward draws them: see _dropped_like_peft.)
     unexpected = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - set(state.slot_of())
     if unexpected:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
