@@ -37,8 +37,10 @@ phase=${1:?usage: gpu_session.sh all|tune|prepare|ops|train-peft}
 
 DEADLINE=$(($(date +%s) + ${BUDGET_S:-570}))  # the phase ends (packed) inside the device call
 
-pack() {  # after every step, so a call cut short still brings back what finished
-    tar czf "$OUT/gpu_$phase.tar.gz" -C "$WORK" . && cp "$WORK/steps.txt" "$OUT/steps.txt"
+pack() {  # after every step, so a call cut short still brings back what finished; written aside
+    # and renamed, so that a kill in the middle of a pack leaves the previous archive whole
+    tar czf "$OUT/gpu_$phase.part" -C "$WORK" . && mv "$OUT/gpu_$phase.part" "$OUT/gpu_$phase.tar.gz" &&
+        cp "$WORK/steps.txt" "$OUT/steps.txt"
 }
 
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit (cut to the deadline), log to $WORK/NAME.log
@@ -93,9 +95,9 @@ all)
     ;;
 tune)
     # the Triton config table measured on this card (benchmarks/tune_triton.py), then the sweeps
-    # with it, a host profile: limits 120 + 20 + 75 + 150 + 110 + 40 + 40 + 130, cut to the deadline
-    # (the GPU tests took 32 s on the H200 before the compact grid and PDL added ~100 more)
-    GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 75
+    # with it, a host profile: limits 120 + 20 + 120 + 150 + 110 + 40 + 40 + 130, cut to the
+    # deadline (the GPU tests took 37 s on the H200 before the compact grid and PDL added more)
+    GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 120
     step tune 150 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
     step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
