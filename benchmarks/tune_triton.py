@@ -216,6 +216,18 @@ def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
     return min(names, key=score)
 
 
+FULL_RANK_BLOCK = 64  # the widest rank pass of the candidates (a rank-64 slot in one pass)
+
+
+def _rank_cap(candidate: dict) -> int:
+    """The narrowest MAX_BLOCK_R among a candidate's kernels."""
+    return min(
+        candidate[kernel]["MAX_BLOCK_R"]
+        for kernel in ("fused", "shrink", "expand")
+        if candidate[kernel] is not None
+    )
+
+
 def build_table(
     rows: Sequence[dict], candidates: dict[str, dict], gpu: str, tail: dict | None = None
 ) -> dict:
@@ -239,7 +251,14 @@ def build_table(
         rank_buckets = sorted({row["r"] for row in in_bucket})
         names = [n for n in candidates if all(n in row for row in in_bucket)]
         for j, r in enumerate(rank_buckets):
-            name = choose([row for row in in_bucket if row["r"] == r], names)
+            allowed = names
+            if j == len(rank_buckets) - 1 and r < FULL_RANK_BLOCK:
+                # the last rank bucket also serves every larger rank (a mixed-rank batch's r_max
+                # too): a candidate whose rank passes are narrower than that, timed at rank r
+                # only, would walk a rank-64 slot in several passes (H100: 126 against 86 us
+                # at T=4096, ranks 8 and 64)
+                allowed = [n for n in names if _rank_cap(candidates[n]) >= FULL_RANK_BLOCK] or names
+            name = choose([row for row in in_bucket if row["r"] == r], allowed)
             choices[f"T<={T} r<={r}"] = name
             when = {"max_tokens": T}
             if j < len(rank_buckets) - 1:
@@ -285,15 +304,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "short) instead of measuring; needs --gpu and --table",
     )
     parser.add_argument("--gpu", default=None, help="with --from-rows: the card the rows were measured on")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="an earlier run's rows on this card (its .json or .rows.jsonl): their shapes are not "
+        "timed again, and the table is built from them and the new rows together",
+    )
     args = parser.parse_args(argv)
     candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES
     if args.from_rows:
-        text = Path(args.from_rows).read_text()
-        if args.from_rows.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)["rows"]
-        return write_table(rows, candidates | RETIRED_CANDIDATES, args.gpu, Path(args.table))
+        return write_table(
+            read_rows(args.from_rows), candidates | RETIRED_CANDIDATES, args.gpu, Path(args.table)
+        )
     if not torch.cuda.is_available():
         raise SystemExit("tune_triton needs a CUDA device")
     from lora_fast.kernels import configs
@@ -309,10 +331,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table_path = (
         Path(args.table) if args.table else CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
     )
-    rows: list[dict] = []
+    rows: list[dict] = read_rows(args.resume) if args.resume else []
     with tempfile.TemporaryDirectory() as workdir:
         # the table is written after each phase, so a run cut short still leaves the decode rows'
         for shapes, phase_candidates in ((decode, decode_candidates), (prefill, prefill_candidates)):
+            shapes = remaining_shapes(shapes, rows)
             rows += time_candidates(
                 shapes, phase_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
             )
@@ -330,6 +353,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     paths = common.write_results(stem, payload, markdown, args.out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
     return table
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of an earlier run: its results .json, or the .rows.jsonl of a run cut short."""
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)["rows"]
+
+
+def remaining_shapes(shapes: Sequence[dict], done: Sequence[dict]) -> list[dict]:
+    """The shapes that no row of ``done`` has measured."""
+
+    def key(shape: dict) -> tuple:
+        order = shape["order"] + ("+mixed_ranks" if shape.get("mixed") else "")
+        return (shape["phase"], shape["T"], shape["L"], shape["r"], order)
+
+    measured = {(row["phase"], row["T"], row["L"], row["r"], row["order"]) for row in done}
+    return [shape for shape in shapes if key(shape) not in measured]
 
 
 def write_table(rows: Sequence[dict], candidates: dict[str, dict], gpu: str, path: Path) -> dict:

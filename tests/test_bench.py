@@ -141,7 +141,7 @@ def test_peft_benchmark_on_cuda_captures_the_accelerated_forward(tmp_path):
     from benchmarks import bench_peft
 
     rows = bench_peft.main(["--device", "cuda", "--quick", "--out-dir", str(tmp_path)])
-    forward = [row for row in rows if row["phase"] != "generate"]
+    forward = [row for row in rows if row["phase"] in ("decode", "prefill")]  # train: eager only
     assert forward and all("lora_fast_graph_us" in row for row in forward)
     for row in forward:
         assert row["base_graph_us"] is None or row["lora_fast_graph_us"] is not None
@@ -225,6 +225,43 @@ def test_tuner_times_every_candidate_and_builds_a_bucketed_table(monkeypatch, tm
         tune_triton.build_table(rows, candidates, "test GPU")["_choices"]["T<=20 r<=16"]
         == "split16_positions"
     )
+    # --resume: a run cut short after the first shape times only the second (and the mixed-rank
+    # variant of the first, which is another shape)
+    log = tmp_path / "tune.rows.jsonl"
+    log.write_text(json.dumps(rows[0]) + "\n")
+    mixed = shapes[0] | {"mixed": True}
+    left = tune_triton.remaining_shapes([*shapes, mixed], tune_triton.read_rows(str(log)))
+    assert left == [shapes[1], mixed]
+
+
+def test_tuner_keeps_full_rank_passes_for_the_ranks_it_did_not_time():
+    """A token bucket's last rank bucket also serves every larger rank (a mixed-rank batch's
+    r_max): a candidate with 16-wide rank passes may win a rank bucket below it, but not that
+    one, however fast it was at the rank that was timed."""
+    from benchmarks import tune_triton
+
+    names = ("split16_segments", "split16_segments_r16")
+    candidates = {name: tune_triton.DECODE_CANDIDATES[name] for name in names}
+
+    def row(T, r):
+        return {
+            "phase": "decode",
+            "T": T,
+            "L": 4,
+            "r": r,
+            "order": "contiguous",
+            "split16_segments": 2.0,
+            "split16_segments_r16": 1.0,
+        }
+
+    rows = [row(16, 8), row(16, 64), row(64, 16)]
+    rows[1]["split16_segments_r16"] = None  # failed at rank 64: never chosen there anyway
+    choices = tune_triton.build_table(rows, candidates, "test GPU")["_choices"]
+    assert choices == {
+        "T<=16 r<=8": "split16_segments_r16",  # rank 8 only
+        "T<=16 r<=64": "split16_segments",
+        "T<=64 r<=16": "split16_segments",  # serves ranks above 16 too
+    }
 
 
 def test_reference_anchors_are_keyed_like_the_sweep_rows():
