@@ -4,7 +4,13 @@
 # it is one call of under 10 minutes:
 #
 #   bash benchmarks/gpu_session.sh all         # everything below, ending (packed) within 570 s
-#   BUDGET_S=450 bash benchmarks/gpu_session.sh tune   # the same, with the Triton table tuned first
+#   BUDGET_S=570 bash benchmarks/gpu_session.sh tune   # the same, with the Triton table tuned first
+#   BUDGET_S=280 RESUME_ROWS=gpu_rows/tune.rows.jsonl bash benchmarks/gpu_session.sh resume
+#       # a second call, when the tuner was cut short: it times only the shapes the first call's
+#       # rows lack (carry gpu_rows), then the op sweep with the whole table
+#
+# On 2026-11-26 an H100 call of `tune` took 479 s of command time and about 25 s to start; the
+# tuner was cut at 150 s after 24 of its 36 shapes, and `resume` finished them in 49 s.
 #
 # or, where more device time is lent, the same work in three calls of up to 10 minutes each:
 #
@@ -33,7 +39,7 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-phase=${1:?usage: gpu_session.sh all|tune|prepare|ops|train-peft}
+phase=${1:?usage: gpu_session.sh all|tune|resume|prepare|ops|train-peft}
 
 DEADLINE=$(($(date +%s) + ${BUDGET_S:-570}))  # the phase ends (packed) inside the device call
 
@@ -73,6 +79,9 @@ build_and_test() {  # build_and_test BUILD_S TESTS_S
 print('extension', backends.extension())
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     print(dtype, backends.available('$DEVICE', dtype))"
+    # whether a C++ error inside lora_fast._C reaches Python (it crashed the process on the H100
+    # image of 2026-11-26; benchmarks/check_cpp_errors.py says what it compares)
+    step cpp-errors 60 $PY -m benchmarks.check_cpp_errors
     # the gpu-marked tests, and the files whose tests run on the GPU when there is one (the Triton
     # kernels, backward, subspace, fused linear); several workers overlap Triton's compiles
     local workers=""
@@ -85,7 +94,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
 
 case $phase in
 all)
-    # limits 150 + 30 + 100 + 170 + 50 + 130 = 630 s, cut to the 570 s deadline: what runs last
+    # limits 150 + 30 + 60 + 100 + 170 + 50 + 130 = 690 s, cut to the 570 s deadline: what runs last
     # (bench_peft) gets what the others leave. bf16 only for the op sweep (the issue's reference
     # numbers are bf16), rank 16 only for the training sweep.
     build_and_test 150 100
@@ -95,8 +104,8 @@ all)
     ;;
 tune)
     # the Triton config table measured on this card (benchmarks/tune_triton.py), then the sweeps
-    # with it, a host profile: limits 120 + 20 + 120 + 150 + 110 + 40 + 40 + 130, cut to the
-    # deadline (the GPU tests took 37 s on the H200 before the compact grid and PDL added more)
+    # with it, a host profile: limits 120 + 20 + 60 + 120 + 150 + 110 + 40 + 40 + 130, cut to the
+    # deadline (the GPU tests took 52 s on the H100 on 2026-11-26)
     GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 120
     step tune 150 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
@@ -104,6 +113,22 @@ tune)
     step train 40 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"
     step profile 40 $PY -m benchmarks.profile_host --device "$DEVICE" $QUICK
     step peft 130 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
+    ;;
+resume)
+    # a second, shorter call after a tune cut short: the tuner resumed from the first call's rows
+    # (RESUME_ROWS, a path in the working tree), then the op sweep with the table it writes; first
+    # the tests named in CHECK_TESTS, one process, with a native backtrace where gdb is installed
+    step build 120 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+    if [[ -n ${CHECK_TESTS:-} ]]; then
+        (g++ --version | head -1; ldd lora_fast/_C*.so | grep -E "stdc|gcc_s"; command -v gdb) >"$WORK/toolchain.txt" 2>&1
+        step check 40 $PY -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider $CHECK_TESTS
+        if command -v gdb >/dev/null; then
+            step check-gdb 40 gdb -q -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:xdist $CHECK_TESTS
+        fi
+    fi
+    step tune 130 $PY -m benchmarks.tune_triton --resume "${RESUME_ROWS:?}" --out-dir "$WORK"
+    cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
+    step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
     ;;
 prepare)
     build_and_test 240 150
@@ -119,7 +144,7 @@ train-peft)
     step peft 280 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
 *)
-    echo "unknown phase $phase: all | tune | prepare | ops | train-peft" >&2
+    echo "unknown phase $phase: all | tune | resume | prepare | ops | train-peft" >&2
     exit 2
     ;;
 esac
