@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,6 +86,18 @@ def measure_us(
             captured: list[bool] = []
             graph_us = common.gpu_median_us(fns[name], repetitions, graph=True, captured=captured)
             times[f"{name}_graph"] = graph_us if captured[0] else None
+        # the accelerated graph again without the shrink beside the base GEMM (one stream)
+        previous = os.environ.get(lora_fast.ops.OVERLAP_ENV)
+        os.environ[lora_fast.ops.OVERLAP_ENV] = "0"
+        try:
+            captured = []
+            graph_us = common.gpu_median_us(fns["lora_fast"], repetitions, graph=True, captured=captured)
+            times["lora_fast_one_stream_graph"] = graph_us if captured[0] else None
+        finally:
+            if previous is None:
+                del os.environ[lora_fast.ops.OVERLAP_ENV]
+            else:
+                os.environ[lora_fast.ops.OVERLAP_ENV] = previous
         return times
     return common.interleaved_median_us(fns, min_run_time)
 
@@ -133,9 +146,16 @@ def run(
                 "max_rel_logit_error_vs_peft": error,
             }
             if device == "cuda":
-                graphs = times["base_graph"], times["lora_fast_graph"]
-                extra["base_graph_us"], extra["lora_fast_graph_us"] = graphs
-                extra["lora_fast_over_base_graph"] = graphs[1] / graphs[0] if None not in graphs else None
+                graphs = times["base_graph"], times["lora_fast_graph"], times["lora_fast_one_stream_graph"]
+                (
+                    extra["base_graph_us"],
+                    extra["lora_fast_graph_us"],
+                    extra["lora_fast_one_stream_graph_us"],
+                ) = graphs
+                extra["lora_fast_over_base_graph"] = graphs[1] / graphs[0] if None not in graphs[:2] else None
+                extra["one_stream_over_base_graph"] = (
+                    graphs[2] / graphs[0] if None not in (graphs[0], graphs[2]) else None
+                )
             rows.append(row_of(phase, L, sequences, length, times, tokens, **extra))
             common.record_row(rows[-1])
             print_row(rows[-1])
@@ -170,7 +190,15 @@ def print_row(row: dict) -> None:
         f"{row['phase']:8s} L={row['adapters']:3d} {row['sequences']}x{row['tokens_per_sequence']}:"
         f" base {row['base_us'] / 1e3:8.2f} ms  PEFT x{row['peft_over_base']:.2f}"
         f"  lora_fast x{row['lora_fast_over_base']:.2f} of base ({row['speedup_vs_peft']:.2f}x PEFT)"
-        f"  adapter reads alone x{row['adapter_read_floor']:.3f}",
+        f"  adapter reads alone x{row['adapter_read_floor']:.3f}"
+        + "".join(
+            f"  {label} x{row[key]:.3f}"
+            for label, key in (
+                ("graph", "lora_fast_over_base_graph"),
+                ("one stream", "one_stream_over_base_graph"),
+            )
+            if row.get(key) is not None
+        ),
         flush=True,
     )
 
@@ -321,8 +349,14 @@ COLUMNS = [
     "adapter_mb",
     "adapter_read_floor",
 ]
-# GPU only: base and lora_fast replayed from CUDA graphs (forward rows)
-GRAPH_COLUMNS = ["base_graph_us", "lora_fast_graph_us", "lora_fast_over_base_graph"]
+# GPU only: base and lora_fast replayed from CUDA graphs (forward rows); one_stream: lora_fast
+# captured with LORA_FAST_OVERLAP_SHRINK=0 (the shrink after the base GEMM, not beside it)
+GRAPH_COLUMNS = [
+    "base_graph_us",
+    "lora_fast_graph_us",
+    "lora_fast_over_base_graph",
+    "one_stream_over_base_graph",
+]
 
 
 def llama_8b_shaped(layers: int = 4) -> torch.nn.Module:

@@ -10,6 +10,8 @@ the same backend directly. Semantics: ``lora_fast.reference``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _checks as check
@@ -599,6 +601,9 @@ def fused_lora_linear(
     thread; ``FUSED_MAX_TOKENS_THREADED`` with more) and no autograd, one C++ kernel computes the
     base GEMM in register tiles (faster than the BLAS library at decode sizes) and adds the LoRA
     delta into the still-cached output rows.
+    On CUDA while a CUDA graph is captured (no autograd, Triton backend), the shrink runs on a
+    side stream beside the base GEMM and the expand adds into the GEMM's output after both
+    (``LORA_FAST_OVERLAP_SHRINK=0`` keeps one stream).
     Everywhere else this is ``F.linear`` followed by ``lora_delta`` added into its output, which
     is differentiable w.r.t. every tensor argument.
     """
@@ -617,8 +622,58 @@ def fused_lora_linear(
         return _compiled().fused_lora_linear(
             x, W, bias, A, B, batch.token_order, batch.segment_starts, batch.segment_lengths, scales, ranks
         )
+    if (
+        x.is_cuda
+        and os.environ.get(OVERLAP_ENV, "1") != "0"
+        and batch.num_tokens > 0
+        and torch.cuda.is_current_stream_capturing()
+        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
+        and select(x.device, dtype) == "triton"
+    ):
+        return _overlapped_linear(x, W, bias, A, B, batch, scales, ranks)
     out = torch.nn.functional.linear(x, W, bias)
     return lora_delta(x, A, B, batch, scales, ranks, out=out, check_args=False)
+
+
+# While a CUDA graph is captured, fused_lora_linear runs the shrink on a side stream beside the
+# base GEMM (both only read x), and the expand after both; LORA_FAST_OVERLAP_SHRINK=0 keeps the
+# three launches in one stream. Eager calls never fork: the stream switch would cost host time
+# that an eager decode step (host-bound already) pays in full.
+OVERLAP_ENV = "LORA_FAST_OVERLAP_SHRINK"
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _overlapped_linear(
+    x: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    batch: AdapterBatch,
+    scales: Tensor,
+    ranks: Tensor | None,
+) -> Tensor:
+    """fused_lora_linear's graph-capture path: in the captured graph the shrink is a branch
+    parallel to the base GEMM instead of a node after it."""
+    kernels = _triton()
+    x = _unit_stride_rows(x)
+    ranks = _int64(ranks)
+    segments = (batch.segment_starts, batch.segment_lengths)
+    current = torch.cuda.current_stream(x.device)
+    side = _SIDE_STREAMS.get(x.device.index)
+    if side is None:  # a pool stream: torch creates its pool before any capture begins
+        side = _SIDE_STREAMS[x.device.index] = torch.cuda.Stream(x.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        partials = kernels.lora_shrink_partials(
+            x, A, batch.token_order, batch.token_slots, ranks, None, segments, zeroed=False
+        )
+    out = torch.nn.functional.linear(x, W, bias)
+    current.wait_stream(side)
+    kernels.lora_expand_(
+        partials, B, batch.token_order, batch.token_slots, scales, ranks, out, None, segments
+    )
+    return out
 
 
 def _check_linear_args(x: Tensor, W: object, bias: object, B: Tensor, batch: AdapterBatch) -> None:

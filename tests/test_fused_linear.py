@@ -173,3 +173,38 @@ def test_cuda_composes_the_base_gemm_and_the_delta(dtype):
     got = call(gpu)
     assert got.device.type == "cuda" and got.dtype == dtype
     assert_close(got, expected(c), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_overlaps_the_shrink_with_the_base_gemm(dtype, overlap, monkeypatch):
+    """Captured in a CUDA graph, fused_lora_linear runs the shrink on a side stream beside the
+    base GEMM (LORA_FAST_OVERLAP_SHRINK=0: one stream); replays give the reference's answer on
+    fresh inputs copied into the captured buffers, each replay after out is poisoned."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv(ops.OVERLAP_ENV, overlap)
+    forks = []
+    real = ops._overlapped_linear
+    monkeypatch.setattr(ops, "_overlapped_linear", lambda *a: forks.append(1) or real(*a))
+    c = linear_case((37, 5, 64, 48, 8), dtype)
+    gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    gpu["batch"] = lora_fast.AdapterBatch(gpu["ids"], 5)
+    with lora_fast.use_backend("triton"):
+        call(gpu)  # compile outside the capture
+        assert not forks  # eager calls never fork
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = call(gpu)
+    assert forks == ([1] if overlap == "1" else [])
+    for _ in range(2):
+        fresh = linear_case((37, 5, 64, 48, 8), dtype)
+        for name in ("x", "W", "bias", "A", "B", "scales"):
+            gpu[name].copy_(fresh[name])
+        fresh["ids"], fresh["batch"], fresh["ranks"] = c["ids"], c["batch"], c["ranks"]
+        got.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(got.cpu(), expected(fresh), dtype)
