@@ -13,7 +13,14 @@ own process, so one crash does not hide the others, and prints one line:
   TORCH_CHECK_VALUE, called as a pybind11 function and as a torch.library op.
 
 If ``ours`` crashes and the inline probes raise, the fault is in how lora_fast._C is built or
-linked (its NEEDED libraries are printed first); if all crash, it is the image's toolchain.
+linked (its NEEDED libraries are printed first), and a fourth probe follows:
+
+- ``ours_cpu_only``: lora_fast's own C++ sources without the CUDA ones (bindings.cpp and
+  lora_cpu.cpp), compiled here by torch.utils.cpp_extension.load (torch's ninja build and link
+  line, not setuptools'), and the same bad call as ``ours``.
+
+If that one raises, the CUDA sources or setuptools' link of the installed module are to blame;
+if it crashes too, something in our C++ sources. If all crash, it is the image's toolchain.
 """
 
 from __future__ import annotations
@@ -23,20 +30,20 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
-OURS = """
-import torch, lora_fast
-from lora_fast import AdapterBatch
+# lora_delta_ on 4 tokens of 2 slots (tokens 0, 2 to slot 0; 1, 3 to slot 1) whose token_order
+# names token 99: the C++ check must raise ValueError
+BAD_CALL = """
 x = torch.randn(4, 8); A = torch.randn(2, 4, 8); B = torch.randn(2, 8, 4); out = torch.zeros(4, 8)
-batch = AdapterBatch(torch.tensor([0, 1, 0, 1]), 2)
-order = batch.token_order.clone(); order[0] = 99
+order, starts, lengths = torch.tensor([99, 2, 1, 3]), torch.tensor([0, 2]), torch.tensor([2, 2])
 try:
-    torch.ops.lora_fast_C.lora_delta_(x, A, B, order, batch.segment_starts, batch.segment_lengths,
-                                      torch.ones(2), None, out)
+    torch.ops.lora_fast_C.lora_delta_(x, A, B, order, starts, lengths, torch.ones(2), None, out)
     print("no error raised")
 except ValueError as err:
     print("ValueError:", str(err).splitlines()[0][:80])
 """
+OURS = "import torch, lora_fast\n" + BAD_CALL
 
 INLINE = """
 import sys, torch
@@ -61,13 +68,27 @@ except ValueError as err:
 """
 
 
-def probe(name: str, code: str, *args: str) -> None:
+CPU_ONLY = (
+    """
+import sys, torch
+from torch.utils.cpp_extension import load
+root = sys.argv[2]
+load("lf_cpu_only", [f"{root}/csrc/bindings.cpp", f"{root}/csrc/lora_cpu.cpp"], extra_cflags=["-O3"],
+     build_directory=sys.argv[1])
+"""
+    + BAD_CALL
+)
+
+
+def probe(name: str, code: str, *args: str) -> bool:
+    """Runs ``code`` in a new process and prints how it ended; True where it raised ValueError."""
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     last = (result.stdout.strip().splitlines() or [""])[-1]
     status = f"signal {-result.returncode}" if result.returncode < 0 else f"rc {result.returncode}"
     print(f"{name:14s} {status:10s} {last}", flush=True)
     if result.returncode > 0:
         print(textwrap.indent(result.stderr.strip()[-1500:], "    "), flush=True)
+    return result.returncode == 0 and last.startswith("ValueError")
 
 
 def main() -> None:
@@ -77,10 +98,13 @@ def main() -> None:
         dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
         needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "NEEDED" in line]
         print(path, "NEEDED:", " ".join(needed))
-    probe("ours", OURS)
+    ours = probe("ours", OURS)
     with tempfile.TemporaryDirectory() as build:
-        probe("inline_pybind", INLINE, build, "pybind")
-        probe("inline_op", INLINE, build, "op")
+        inline = probe("inline_pybind", INLINE, build, "pybind") & probe("inline_op", INLINE, build, "op")
+    if not ours and inline:
+        root = str(Path(__file__).resolve().parent.parent)
+        with tempfile.TemporaryDirectory() as build:
+            probe("ours_cpu_only", CPU_ONLY, build, root)
 
 
 if __name__ == "__main__":
