@@ -16,6 +16,7 @@ to kernels/configs/<GPU>.json (or --table) and every measurement beside the benc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import lora_fast
 from benchmarks import bench_lora_ops, common
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "kernels" / "configs"
@@ -128,6 +130,42 @@ PREFILL_CANDIDATES = {
     # one slot per program (a positions block that straddles two segments walks both)
     "m64_split2_compact": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 2),
 }
+# fused_lora_linear at decode sizes: F.linear then lora_delta ("composed"; captured in a graph,
+# the shrink runs beside the GEMM on a side stream), or the shrink then one kernel for the base
+# GEMM + expand (kernels/lora_linear.py), launched as the shrink's programmatic dependent so its
+# GEMM overlaps the shrink. Blocks for a few rows, streaming W once: narrow N blocks for enough
+# programs at d_out = 4096 (64 or 128 of them), a deep K pipeline.
+LINEAR_CANDIDATES = {
+    "composed": None,
+    "linear_m16_n32_k256": {
+        "BLOCK_M": 16,
+        "BLOCK_N": 32,
+        "BLOCK_K": 256,
+        "MAX_BLOCK_R": 64,
+        "PDL": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+    },
+    "linear_m16_n64_k128": {
+        "BLOCK_M": 16,
+        "BLOCK_N": 64,
+        "BLOCK_K": 128,
+        "MAX_BLOCK_R": 64,
+        "PDL": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    },
+    "linear_m64_n64_k64": {
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "BLOCK_K": 64,
+        "MAX_BLOCK_R": 64,
+        "PDL": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    },
+}
+LINEAR_MAX_TOKENS = 256  # the decode shapes; prefill stays on cuBLAS + lora_delta
 WEIGHT_GRAD = {
     "BLOCK_M": 64,
     "BLOCK_D": 128,
@@ -204,6 +242,73 @@ def time_candidates(
     return rows
 
 
+def time_linear_candidates(
+    shapes: Sequence[dict],
+    candidates: dict[str, dict | None],
+    d: int,
+    dtype: torch.dtype,
+    repetitions: int,
+    workdir: Path,
+    base_table: dict,
+    device: str = "cuda",
+) -> list[dict]:
+    """One row per shape (phase "linear"): the median microseconds of lora_fast.fused_lora_linear
+    (d_in = d_out = d, no bias) with ``base_table`` and each candidate as its ``linear`` row
+    (None: no row, F.linear then lora_delta)."""
+    paths = {}
+    for name, candidate in candidates.items():
+        paths[name] = workdir / f"{name}.json"
+        rows_of = [] if candidate is None else [{"config": candidate}]
+        paths[name].write_text(json.dumps(base_table | {"linear": rows_of}))
+    rows = []
+    previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
+    try:
+        for shape in shapes:
+            p = bench_lora_ops.make_problem(
+                shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
+            )
+            W = (torch.randn(d, d, generator=torch.Generator().manual_seed(1)) / d**0.5).to(device, dtype)
+            batch = lora_fast.AdapterBatch(p["adapter_ids"], p["A"].shape[0])
+            args = (p["x"], W, None, p["A"], p["B"], batch, p["scales"], p["ranks"])
+            with lora_fast.use_backend("torch"):
+                expected = lora_fast.fused_lora_linear(*args).double()
+            row = {"phase": "linear", "T": shape["T"], "L": shape["L"], "r": shape["r"]}
+            row["order"] = shape["order"] + ("+mixed_ranks" if shape["mixed"] else "")
+            for name, path in paths.items():
+                os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
+                row[name] = None  # a candidate that fails or disagrees is never chosen
+                try:
+                    with torch.no_grad(), lora_fast.use_backend("triton"):
+                        got = lora_fast.fused_lora_linear(*args).double()
+                        error = float((got - expected).abs().max() / expected.abs().max())
+                        if error < 0.05:
+                            row[name] = common.gpu_median_us(
+                                functools.partial(lora_fast.fused_lora_linear, *args), repetitions
+                            )
+                        else:
+                            print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
+                except Exception as err:  # noqa: BLE001 - report and go on with the others
+                    print(f"{name} failed on {shape}: {type(err).__name__}: {str(err)[:200]}")
+            timed = [n for n in paths if row[n] is not None]
+            if not timed:
+                raise RuntimeError(f"no candidate ran on {shape}")
+            row["best"] = min(timed, key=lambda n: row[n])
+            rows.append(row)
+            common.record_row(row)
+            print(
+                f"linear  T={shape['T']:5d} L={shape['L']:2d} r={shape['r']:2d} {row['order']:12s} best "
+                f"{row['best']:22s} {row[row['best']]:8.1f} us  "
+                + " ".join(f"{n}={row[n]:.1f}" for n in timed),
+                flush=True,
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("LORA_FAST_TRITON_CONFIG", None)
+        else:
+            os.environ["LORA_FAST_TRITON_CONFIG"] = previous
+    return rows
+
+
 def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
     """The candidate with the lowest geometric mean of time / best time over ``rows``."""
 
@@ -235,10 +340,13 @@ def build_table(
     largest measured, the entries of ``tail`` (a table, default.json by default) that reach them."""
     if tail is None:
         tail = json.loads((CONFIG_DIR / "default.json").read_text())
+    linear_rows = [row for row in rows if row["phase"] == "linear"]
+    rows = [row for row in rows if row["phase"] != "linear"]
     token_buckets = sorted({row["T"] for row in rows})
+    largest = token_buckets[-1] if token_buckets else 0
     table: dict = {
         "_note": f"Measured by benchmarks/tune_triton.py on {gpu} (bf16, d=4096) up to "
-        f"T={token_buckets[-1]}; each bucket holds the candidate with the lowest geometric-mean time "
+        f"T={largest}; each bucket holds the candidate with the lowest geometric-mean time "
         "ratio over its shapes. Above that, default.json's entries.",
         "fused": [],
         "shrink": [],
@@ -269,13 +377,34 @@ def build_table(
         table[kernel] += [
             entry
             for entry in tail.get(kernel, [])
-            if entry.get("when", {}).get("max_tokens", math.inf) > token_buckets[-1]
+            if entry.get("when", {}).get("max_tokens", math.inf) > largest
         ]
         if not any(not entry.get("when", {}).get("max_tokens") for entry in table[kernel]):
-            if kernel != "fused":  # every shape needs a shrink and an expand
+            if kernel != "fused" and table[kernel]:  # every shape needs a shrink and an expand
                 table[kernel].append({"config": table[kernel][-1]["config"]})
+    table["linear"] = (
+        _linear_entries(linear_rows, candidates, choices) if linear_rows else tail.get("linear", [])
+    )
     table["_choices"] = choices
     return table
+
+
+def _linear_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> list[dict]:
+    """fused_lora_linear's rows: per measured (T bucket, rank bucket) the best of F.linear +
+    lora_delta ("composed": ``"config": null``) and the one-kernel candidates; above the largest
+    measured T, composed."""
+    entries = []
+    token_buckets = sorted({row["T"] for row in rows})
+    for T in token_buckets:
+        in_bucket = [row for row in rows if row["T"] == T]
+        rank_buckets = sorted({row["r"] for row in in_bucket})
+        names = [n for n in candidates if all(n in row for row in in_bucket)]
+        for j, r in enumerate(rank_buckets):
+            name = choose([row for row in in_bucket if row["r"] == r], names)
+            choices[f"linear T<={T} r<={r}"] = name
+            when = {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {})
+            entries.append({"when": when, "config": candidates[name]})
+    return entries + [{"config": None}]
 
 
 def sweep_shapes(quick: bool) -> tuple[list[dict], list[dict]]:
@@ -310,8 +439,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="an earlier run's rows on this card (its .json or .rows.jsonl): their shapes are not "
         "timed again, and the table is built from them and the new rows together",
     )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=["decode", "prefill", "linear"],
+        default=["decode", "prefill", "linear"],
+        help="which shapes to time: lora_delta at decode and prefill sizes, fused_lora_linear at "
+        "decode sizes (with the table the other phases wrote, or this GPU's table)",
+    )
     args = parser.parse_args(argv)
-    candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES
+    candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES | LINEAR_CANDIDATES
     if args.from_rows:
         return write_table(
             read_rows(args.from_rows), candidates | RETIRED_CANDIDATES, args.gpu, Path(args.table)
@@ -322,25 +459,50 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     info = common.machine()
     decode, prefill = sweep_shapes(args.quick)
+    linear = [shape for shape in decode if shape["T"] <= LINEAR_MAX_TOKENS]
     decode_candidates, prefill_candidates = DECODE_CANDIDATES, PREFILL_CANDIDATES
+    linear_candidates = LINEAR_CANDIDATES
     d = args.d
     if args.quick:
         decode_candidates = dict(list(DECODE_CANDIDATES.items())[:2])
         prefill_candidates = dict(list(PREFILL_CANDIDATES.items())[:2])
+        linear_candidates = dict(list(LINEAR_CANDIDATES.items())[:2])
         d = 512
+    every = decode_candidates | prefill_candidates | linear_candidates
+    known = every | RETIRED_CANDIDATES  # an earlier run's rows (--resume) may hold retired ones
     table_path = (
         Path(args.table) if args.table else CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
     )
     rows: list[dict] = read_rows(args.resume) if args.resume else []
     with tempfile.TemporaryDirectory() as workdir:
         # the table is written after each phase, so a run cut short still leaves the decode rows'
-        for shapes, phase_candidates in ((decode, decode_candidates), (prefill, prefill_candidates)):
-            shapes = remaining_shapes(shapes, rows)
-            rows += time_candidates(
-                shapes, phase_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
+        table = None
+        for phase, shapes, phase_candidates in (
+            ("decode", decode, decode_candidates),
+            ("prefill", prefill, prefill_candidates),
+        ):
+            if phase in args.phases:
+                shapes = remaining_shapes(shapes, rows)
+                rows += time_candidates(
+                    shapes, phase_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
+                )
+                table = write_table(rows, known, info["gpu"], table_path)
+        if "linear" in args.phases:
+            # with the delta's rows of the table just written, else of this GPU's table
+            base = table or json.loads(configs.table_path(torch.device("cuda")).read_text())
+            base = {k: v for k, v in base.items() if k != "linear"}
+            shapes = [{**shape, "phase": "linear"} for shape in linear]
+            rows += time_linear_candidates(
+                remaining_shapes(shapes, rows),
+                linear_candidates,
+                d,
+                torch.bfloat16,
+                args.repetitions,
+                Path(workdir),
+                base,
             )
-            table = write_table(rows, decode_candidates | prefill_candidates, info["gpu"], table_path)
-    columns = ["phase", "T", "L", "r", "order", *decode_candidates, *prefill_candidates, "best"]
+            table = write_table(rows, known, info["gpu"], table_path)
+    columns = ["phase", "T", "L", "r", "order", *every, "best"]
     markdown = common.markdown_table(rows, columns)
     stem = f"tune_triton_{common.slug(info['gpu'])}" + ("_quick" if args.quick else "")
     payload = {

@@ -15,6 +15,7 @@ else:
     from .lora_delta import lora_delta_, lora_delta_fused_
     from .lora_delta_backward import lora_delta_backward
     from .lora_expand import lora_expand_
+    from .lora_linear import linear_config, lora_linear
     from .lora_shrink import lora_shrink, lora_shrink_partials
     from .subspace_project import subspace_project
 
@@ -23,7 +24,9 @@ else:
         "lora_delta_",
         "lora_delta_backward",
         "lora_delta_fused_",
+        "linear_config",
         "lora_expand_",
+        "lora_linear",
         "lora_shrink",
         "lora_shrink_partials",
         "subspace_project",

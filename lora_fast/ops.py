@@ -601,9 +601,11 @@ def fused_lora_linear(
     thread; ``FUSED_MAX_TOKENS_THREADED`` with more) and no autograd, one C++ kernel computes the
     base GEMM in register tiles (faster than the BLAS library at decode sizes) and adds the LoRA
     delta into the still-cached output rows.
-    On CUDA while a CUDA graph is captured (no autograd, Triton backend), the shrink runs on a
-    side stream beside the base GEMM and the expand adds into the GEMM's output after both
-    (``LORA_FAST_OVERLAP_SHRINK=0`` keeps one stream).
+    With the Triton backend and no autograd, where the GPU's config table has a ``linear`` row
+    for the shape, the shrink runs and then one kernel computes the base GEMM and adds the expand
+    to its tile before writing it (kernels/lora_linear.py). Without such a row, on CUDA while a
+    CUDA graph is captured, the shrink runs on a side stream beside ``F.linear`` and the expand
+    adds into its output after both (``LORA_FAST_OVERLAP_SHRINK=0`` keeps one stream).
     Everywhere else this is ``F.linear`` followed by ``lora_delta`` added into its output, which
     is differentiable w.r.t. every tensor argument.
     """
@@ -622,15 +624,31 @@ def fused_lora_linear(
         return _compiled().fused_lora_linear(
             x, W, bias, A, B, batch.token_order, batch.segment_starts, batch.segment_lengths, scales, ranks
         )
-    if (
-        x.is_cuda
-        and os.environ.get(OVERLAP_ENV, "1") != "0"
-        and batch.num_tokens > 0
-        and torch.cuda.is_current_stream_capturing()
-        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
-        and select(x.device, dtype) == "triton"
-    ):
-        return _overlapped_linear(x, W, bias, A, B, batch, scales, ranks)
+    if select(x.device, dtype) == "triton" and _eager_direct(x, W, A, B, *(() if bias is None else (bias,))):
+        kernels = _triton()
+        config = kernels.linear_config(x.device, x.shape[0], A.shape[1], x.shape[1])
+        if config is not None:  # the table's linear row: shrink, then GEMM + expand in one kernel
+            segments = (batch.segment_starts, batch.segment_lengths)
+            return kernels.lora_linear(
+                _unit_stride_rows(x),
+                W,
+                bias,
+                A,
+                B,
+                batch.token_order,
+                batch.token_slots,
+                scales,
+                _int64(ranks),
+                config,
+                segments=segments,
+            )
+        if (
+            x.is_cuda
+            and os.environ.get(OVERLAP_ENV, "1") != "0"
+            and batch.num_tokens > 0
+            and torch.cuda.is_current_stream_capturing()
+        ):
+            return _overlapped_linear(x, W, bias, A, B, batch, scales, ranks)
     out = torch.nn.functional.linear(x, W, bias)
     return lora_delta(x, A, B, batch, scales, ranks, out=out, check_args=False)
 

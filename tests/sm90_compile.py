@@ -129,6 +129,19 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
         subspace.subspace_project(torch.randn(64, 256).to(dtype), torch.randn(8, 256).to(dtype))
     # every candidate benchmarks/tune_triton.py times on a GPU, in its dtype, at each rank
     candidates = tune.DECODE_CANDIDATES | tune.PREFILL_CANDIDATES
+    linear = importlib.import_module("kernels.lora_linear")
+    for r_max in (8, 16, 64):
+        # fused_lora_linear's one-kernel candidates (rank-major B, as the stacks keep it; a bias)
+        x = torch.randn(40, d_in).to(torch.bfloat16)
+        W = torch.randn(d_out, d_in).to(torch.bfloat16)
+        A = torch.randn(num_slots, r_max, d_in).to(torch.bfloat16)
+        B = torch.randn(num_slots, r_max, d_out).to(torch.bfloat16).transpose(1, 2)
+        slots = torch.randint(-1, num_slots, (40,))
+        for config in tune.LINEAR_CANDIDATES.values():
+            if config is not None:
+                linear.lora_linear(
+                    x, W, W[0], A, B, torch.argsort(slots), slots, torch.rand(num_slots), None, config
+                )
     for r_max in (8, 16, 64):
         num_tokens = 40
         x = torch.randn(num_tokens, d_in).to(torch.bfloat16)

@@ -265,6 +265,57 @@ def test_tuner_keeps_full_rank_passes_for_the_ranks_it_did_not_time():
     }
 
 
+def test_tuner_times_fused_linear_candidates_and_builds_linear_rows(monkeypatch, tmp_path):
+    """The tuner's linear phase on the CPU (interpreter, stand-in timer): fused_lora_linear runs
+    composed (no linear row) and with the one-kernel candidate, both agree with the reference,
+    and the table's linear rows send each bucket to the faster (null where composed won)."""
+    from lora_fast.kernels import configs
+
+    from benchmarks import common, tune_triton
+    from lora_fast import kernels
+
+    timed = []
+
+    def fake_median_us(fn, repetitions, graph=True, captured=None):
+        fn()
+        name = Path(os.environ["LORA_FAST_TRITON_CONFIG"]).stem
+        timed.append(name)
+        return {"composed": 5.0, "linear_m16_n32_k256": 4.0}[name]
+
+    monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    calls = []
+    real = kernels.lora_linear
+    monkeypatch.setattr(kernels, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    names = ("composed", "linear_m16_n32_k256")
+    candidates = {name: tune_triton.LINEAR_CANDIDATES[name] for name in names}
+    shapes = [
+        {"phase": "linear", "T": 5, "L": 3, "r": 8, "order": "interleaved", "mixed": False},
+        {"phase": "linear", "T": 20, "L": 2, "r": 16, "order": "contiguous", "mixed": True},
+    ]
+    base = json.loads((configs.CONFIG_DIR / "interpreter.json").read_text())
+    rows = tune_triton.time_linear_candidates(
+        shapes, candidates, 48, torch.float32, 2, tmp_path, base, device="cpu"
+    )
+    assert timed == list(names) * 2 and len(calls) == 2 * 2  # agreement check + timing
+    assert [row["best"] for row in rows] == ["linear_m16_n32_k256"] * 2
+    rows[1]["composed"] = 3.0  # composed wins the second bucket
+    delta_rows = [{"phase": "decode", "T": 5, "L": 3, "r": 8, "order": "contiguous", "split16_segments": 1.0}]
+    every = tune_triton.DECODE_CANDIDATES | candidates
+    table = tune_triton.build_table(delta_rows + rows, every, "test GPU")
+    assert table["linear"] == [
+        {"when": {"max_tokens": 5}, "config": candidates["linear_m16_n32_k256"]},
+        {"when": {"max_tokens": 20}, "config": None},
+        {"config": None},
+    ]
+    assert table["_choices"]["linear T<=5 r<=8"] == "linear_m16_n32_k256"
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    assert configs.find("linear", torch.device("cpu"), 4, 16, 48)["BLOCK_N"] == 32
+    assert configs.find("linear", torch.device("cpu"), 6, 16, 48) is None  # composed
+    assert configs.find("linear", torch.device("cpu"), 300, 16, 48) is None
+
+
 def test_reference_anchors_are_keyed_like_the_sweep_rows():
     """The H100 vLLM numbers must be found for the sweep's shapes (a key mismatch once left the
     comparison column empty on a GPU run)."""

@@ -208,3 +208,30 @@ def test_cuda_graph_capture_overlaps_the_shrink_with_the_base_gemm(dtype, overla
         graph.replay()
         torch.cuda.synchronize()
         assert_close(got.cpu(), expected(fresh), dtype)
+
+
+@pytest.mark.parametrize("when", ["inference", "grad", "many_tokens"])
+def test_triton_backend_takes_the_one_kernel_linear_where_its_table_has_a_row(when, monkeypatch):
+    """With the Triton backend, fused_lora_linear runs the shrink and then one GEMM + expand
+    kernel where the config table has a ``linear`` row (the interpreter's: up to 40 tokens) and
+    nothing needs gradients; with autograd or above the rows, F.linear then lora_delta."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    T = 45 if when == "many_tokens" else 13
+    c = linear_case((T, 4, 40, 36, 8), torch.float32)
+    expect = expected(c)
+    c = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+    c["batch"] = lora_fast.AdapterBatch(c["ids"], 4)
+    if when == "grad":
+        c["A"].requires_grad_(True)
+    calls = []
+    real = kernels.lora_linear
+    monkeypatch.setattr(kernels, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if device == "cuda":  # the interpreter's table, whatever this GPU's holds
+        monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(kernels.configs.CONFIG_DIR / "interpreter.json"))
+    with lora_fast.use_backend("triton"):
+        got = call(c)
+    assert calls == ([1] if when == "inference" else [])
+    assert_close(got.detach().cpu(), expect, torch.float32)

@@ -377,3 +377,103 @@ def test_unknown_grid_mode_is_refused():
             configs=configs,
             segments=None,
         )
+
+
+# fused_lora_linear's one kernel: small blocks so the K loop, the split planes and rank passes
+# all iterate
+LINEAR_SMALL = {
+    "BLOCK_M": 16,
+    "BLOCK_N": 32,
+    "BLOCK_K": 16,
+    "MAX_BLOCK_R": 16,
+    "num_warps": 4,
+    "num_stages": 1,
+}
+
+
+def linear_inputs(shape, dtype, bias=True, transposed_w=False, rank_major=False, **case_args):
+    T, S, d_in, d_out, r_max = shape
+    c = random_case(*shape, dtype=dtype, device=DEVICE, **case_args)
+    W = torch.randn(d_out, d_in, dtype=torch.float64).div(d_in**0.5)
+    c["W"] = (W.T.contiguous().T if transposed_w else W).to(DEVICE, dtype)  # column-major view
+    c["bias"] = torch.randn(d_out, dtype=torch.float64).to(DEVICE, dtype) if bias else None
+    if rank_major:
+        c["B"] = c["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    return c
+
+
+def run_linear(c, out=None, ranks="case", config=LINEAR_SMALL):
+    b = c["batch"]
+    return kernels.lora_linear(
+        c["x"],
+        c["W"],
+        c["bias"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        c["scales"],
+        c["ranks"] if ranks == "case" else ranks,
+        config,
+        out=out,
+        shrink_config=SMALL["shrink"] | {"SEGMENTED": 0},
+        segments=(b.segment_starts, b.segment_lengths),
+    )
+
+
+def expected_linear(c):
+    wide = {k: c[k].double() if c[k] is not None else None for k in ("x", "W", "bias", "A", "B")}
+    return reference.fused_lora_linear(
+        wide["x"], wide["W"], wide["bias"], wide["A"], wide["B"], c["batch"], c["scales"], c["ranks"]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 2, 5, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_kernel_matches_reference(dtype, shape):
+    """Base GEMM + bias + every token's delta (tokens without a slot: the base alone), written
+    over a NaN-poisoned out: every entry written, none read."""
+    c = linear_inputs(shape, dtype)
+    out = torch.full((shape[0], shape[3]), float("nan"), dtype=dtype, device=DEVICE)
+    got = run_linear(c, out=out)
+    assert got is out
+    want = expected_linear(c)
+    assert_close(got, want, dtype, magnitude=float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no_bias", "column_major_w", "rank_major_b", "no_ranks", "all_none", "empty_segments", "zero_rank"],
+)
+def test_linear_kernel_layouts_and_edge_batches(case):
+    shape = (29, 4, 70, 45, 24)
+    args = {
+        "no_bias": {"bias": False},
+        "column_major_w": {"transposed_w": True},
+        "rank_major_b": {"rank_major": True},
+        "no_ranks": {"mixed_ranks": False},
+        "all_none": {"none_fraction": 1.0},
+        # slots 1 and 3 own no token
+        "empty_segments": {"ids": torch.tensor([0, 2, -1] * 9 + [0, 2])},
+        "zero_rank": {},
+    }[case]
+    c = linear_inputs(shape, torch.float32, **args)
+    ranks = "case"
+    if case == "no_ranks":
+        ranks = None
+        c["ranks"] = None
+    if case == "zero_rank":
+        c["ranks"] = torch.tensor([24, 0, 0, 7], device=DEVICE)
+    got = run_linear(c, ranks=ranks)
+    want = expected_linear(c)
+    assert_close(got, want, torch.float32, magnitude=float(want.abs().max()))
+    if case == "all_none":  # exactly the base layer's GEMM and bias, to fp32 rounding
+        base = c["x"].double() @ c["W"].double().T + c["bias"].double()
+        assert_close(got, base, torch.float32, magnitude=float(base.abs().max()))
+
+
+def test_linear_kernel_without_rank_columns_is_the_base_layer():
+    c = linear_inputs((9, 2, 33, 20, 0), torch.float32)
+    got = run_linear(c)
+    base = c["x"].double() @ c["W"].double().T + c["bias"].double()
+    assert_close(got, base, torch.float32, magnitude=float(base.abs().max()))

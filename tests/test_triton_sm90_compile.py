@@ -30,6 +30,7 @@ def test_every_triton_kernel_compiles_for_sm90():
         "_lora_delta_fused_kernel",
         "_lora_weight_grad_kernel",
         "_subspace_project_kernel",
+        "_lora_linear_kernel",
     }
     shared = [int(line.split("shared=")[1]) for line in lines[:-1]]
     assert max(shared) <= H100_SHARED_BYTES
