@@ -165,6 +165,11 @@ LINEAR_CANDIDATES = {
         "num_stages": 4,
     },
 }
+# the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
+# decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which
+# sends lora_delta's in-place inference calls there (the Triton rows stay for everything else)
+CUDA_CANDIDATE = "cuda_fused"
+CUDA_MAX_TOKENS = 64
 LINEAR_MAX_TOKENS = 256  # the decode shapes; prefill stays on cuBLAS + lora_delta
 WEIGHT_GRAD = {
     "BLOCK_M": 64,
@@ -194,11 +199,14 @@ def time_candidates(
     device: str = "cuda",
 ) -> list[dict]:
     """One row per shape: the median microseconds of lora_fast.lora_delta under each candidate
-    (``device`` is for the CPU test of this code, with the timer swapped for a stand-in)."""
+    (``device`` is for the CPU test of this code, with the timer swapped for a stand-in).
+    ``CUDA_CANDIDATE`` (value None) is the CUDA C++ backend, timed up to its one-launch kernel's
+    largest token count."""
     paths = {}
     for name, candidate in candidates.items():
         paths[name] = workdir / f"{name}.json"
-        paths[name].write_text(json.dumps(candidate_table(candidate)))
+        if candidate is not None:
+            paths[name].write_text(json.dumps(candidate_table(candidate)))
     rows = []
     previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
     try:
@@ -211,12 +219,13 @@ def time_candidates(
             for name, path in paths.items():
                 os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
                 row[name] = None  # a candidate that fails or disagrees is never chosen
+                backend = "cuda" if name == CUDA_CANDIDATE else "triton"
+                if backend == "cuda" and shape["T"] > CUDA_MAX_TOKENS:
+                    continue
                 try:
-                    error = bench_lora_ops.check_agreement(p, "triton")
+                    error = bench_lora_ops.check_agreement(p, backend)
                     if error < 0.05:
-                        row[name] = common.gpu_median_us(
-                            bench_lora_ops.lora_fast_op(p, "triton"), repetitions
-                        )
+                        row[name] = common.gpu_median_us(bench_lora_ops.lora_fast_op(p, backend), repetitions)
                     else:
                         print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
                 except Exception as err:  # noqa: BLE001 - report and go on with the others
@@ -351,6 +360,7 @@ def build_table(
         "fused": [],
         "shrink": [],
         "expand": [],
+        "cuda_delta": [],
         "weight_grad": tail.get("weight_grad", [{"config": WEIGHT_GRAD}]),
     }
     choices = {}
@@ -359,13 +369,13 @@ def build_table(
         rank_buckets = sorted({row["r"] for row in in_bucket})
         names = [n for n in candidates if all(n in row for row in in_bucket)]
         for j, r in enumerate(rank_buckets):
-            allowed = names
+            allowed = [n for n in names if n != CUDA_CANDIDATE]  # the Triton rows: every path
             if j == len(rank_buckets) - 1 and r < FULL_RANK_BLOCK:
                 # the last rank bucket also serves every larger rank (a mixed-rank batch's r_max
                 # too): a candidate whose rank passes are narrower than that, timed at rank r
                 # only, would walk a rank-64 slot in several passes (H100: 126 against 86 us
                 # at T=4096, ranks 8 and 64)
-                allowed = [n for n in names if _rank_cap(candidates[n]) >= FULL_RANK_BLOCK] or names
+                allowed = [n for n in allowed if _rank_cap(candidates[n]) >= FULL_RANK_BLOCK] or allowed
             name = choose([row for row in in_bucket if row["r"] == r], allowed)
             choices[f"T<={T} r<={r}"] = name
             when = {"max_tokens": T}
@@ -373,6 +383,12 @@ def build_table(
                 when["max_rank"] = r
             for kernel in ("fused", "shrink", "expand"):
                 table[kernel].append({"when": when, "config": candidates[name][kernel]})
+            if CUDA_CANDIDATE in names:
+                in_rank = [row for row in in_bucket if row["r"] == r]
+                to_cuda = choose(in_rank, [name, CUDA_CANDIDATE]) == CUDA_CANDIDATE
+                choices[f"cuda T<={T} r<={r}"] = to_cuda
+                table["cuda_delta"].append({"when": when, "config": {} if to_cuda else None})
+    table["cuda_delta"].append({"config": None})
     for kernel in ("fused", "shrink", "expand"):
         table[kernel] += [
             entry
@@ -450,9 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES | LINEAR_CANDIDATES
     if args.from_rows:
-        return write_table(
-            read_rows(args.from_rows), candidates | RETIRED_CANDIDATES, args.gpu, Path(args.table)
-        )
+        every = candidates | RETIRED_CANDIDATES | {CUDA_CANDIDATE: None}
+        return write_table(read_rows(args.from_rows), every, args.gpu, Path(args.table))
     if not torch.cuda.is_available():
         raise SystemExit("tune_triton needs a CUDA device")
     from lora_fast.kernels import configs
@@ -468,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         prefill_candidates = dict(list(PREFILL_CANDIDATES.items())[:2])
         linear_candidates = dict(list(LINEAR_CANDIDATES.items())[:2])
         d = 512
+    if "cuda" in lora_fast.backends.available("cuda", torch.bfloat16):
+        decode_candidates = decode_candidates | {CUDA_CANDIDATE: None}
     every = decode_candidates | prefill_candidates | linear_candidates
     known = every | RETIRED_CANDIDATES  # an earlier run's rows (--resume) may hold retired ones
     table_path = (

@@ -4,6 +4,8 @@
 // segment starts, so there is no host synchronisation and the launches can be captured in a CUDA
 // graph. Straightforward and correct; the tuned kernels for large batches are the Triton ones.
 
+#include <algorithm>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -16,7 +18,8 @@ namespace {
 constexpr int kShrinkWarps = 4;
 constexpr int kExpandThreads = 256;
 constexpr int kFusedThreads = 256;
-constexpr int kFusedOutputsPerThread = 4;
+constexpr int64_t kFusedBlocks = 256;  // spread a decode batch over about this many blocks
+constexpr int64_t kFusedMinOutputs = 128;  // but give each block at least this many outputs
 constexpr size_t kMaxSharedBytes = 48 * 1024;
 
 template <typename scalar_t>
@@ -143,9 +146,38 @@ __global__ void expand_kernel(const LoraArgs a) {
   expand_token<scalar_t, acc_t, 1>(B, t_scaled, w.rank, a.r_max, a.d_out, y);
 }
 
+// shrink_token with 16-byte loads of x and the rank rows of A (both aligned, d_in a whole number
+// of vectors): each lane reads 16 / sizeof(scalar_t) elements per load instead of one.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void shrink_token_vectors(const scalar_t* x, const scalar_t* A, int64_t d_in, int64_t k,
+                                                     acc_t scale, acc_t* dst) {
+  constexpr int kPerVector = 16 / sizeof(scalar_t);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  const int64_t vectors = d_in / kPerVector;
+  const uint4* x_vectors = reinterpret_cast<const uint4*>(x);
+  for (int64_t j = warp; j < k; j += warps) {
+    const uint4* row = reinterpret_cast<const uint4*>(A + j * d_in);
+    acc_t sum = 0;
+    for (int64_t v = lane; v < vectors; v += 32) {
+      const uint4 xv = x_vectors[v];
+      const uint4 av = row[v];
+      const scalar_t* xs = reinterpret_cast<const scalar_t*>(&xv);
+      const scalar_t* as = reinterpret_cast<const scalar_t*>(&av);
+#pragma unroll
+      for (int e = 0; e < kPerVector; ++e) sum += to_acc(xs[e]) * to_acc(as[e]);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) dst[j] = sum * scale;
+  }
+}
+
 // One launch for the whole delta of small batches (decode), BGMV style: block (position, output
-// tile) shrinks its token into shared memory (every output tile of a token repeats that shrink;
-// for a few tokens it is cheaper than a second launch), then expands its outputs.
+// tile) shrinks its token into shared memory (every output tile of a token repeats that shrink,
+// reading A from L2 after the first tile; for a few tokens that is cheaper than a second launch),
+// then adds its tile of outputs, one per thread at a time, reading B through its strides (the
+// stacks keep B rank-major: consecutive threads then read consecutive addresses).
 template <typename scalar_t>
 __global__ void delta_fused_kernel(const LoraArgs a) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -155,11 +187,24 @@ __global__ void delta_fused_kernel(const LoraArgs a) {
   if (!locate(a, blockIdx.x, w)) return;
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + w.token * a.x_row_stride;
   const scalar_t* A = static_cast<const scalar_t*>(a.A) + w.slot * a.r_max * a.d_in;
-  shrink_token<scalar_t, acc_t>(x, A, a.d_in, w.rank, static_cast<acc_t>(a.scales[w.slot]), t_scaled);
+  const acc_t scale = static_cast<acc_t>(a.scales[w.slot]);
+  if (a.vector_loads) {
+    shrink_token_vectors<scalar_t, acc_t>(x, A, a.d_in, w.rank, scale, t_scaled);
+  } else {
+    shrink_token<scalar_t, acc_t>(x, A, a.d_in, w.rank, scale, t_scaled);
+  }
   __syncthreads();
-  const scalar_t* B = static_cast<const scalar_t*>(a.B) + w.slot * a.d_out * a.r_max;
+  const scalar_t* B = static_cast<const scalar_t*>(a.B) + w.slot * a.b_slot_stride;
   scalar_t* y = static_cast<scalar_t*>(a.out) + w.token * a.out_row_stride;
-  expand_token<scalar_t, acc_t, kFusedOutputsPerThread>(B, t_scaled, w.rank, a.r_max, a.d_out, y);
+  const int64_t per_block = (a.d_out + gridDim.y - 1) / gridDim.y;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * per_block;
+  const int64_t last = first + per_block < a.d_out ? first + per_block : a.d_out;
+  for (int64_t n = first + threadIdx.x; n < last; n += blockDim.x) {
+    const scalar_t* b_out = B + n * a.b_out_stride;
+    acc_t sum = 0;
+    for (int64_t j = 0; j < w.rank; ++j) sum += t_scaled[j] * to_acc(b_out[j * a.b_rank_stride]);
+    y[n] = from_acc<scalar_t>(to_acc(y[n]) + sum);
+  }
 }
 
 // Runs f(scalar_t{}) with the C++ type of dtype.
@@ -208,10 +253,16 @@ cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream) {
 
 cudaError_t launch_lora_delta_fused(const LoraArgs& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_slots == 0 || args.r_max == 0 || args.d_out == 0) return cudaSuccess;
+  // output tiles per token: about kFusedBlocks blocks in all (32 tiles of 128 outputs for one
+  // token at d_out = 4096; 4 tiles of 1024 for 64 tokens), so that a single token's delta is
+  // spread over many SMs and a batch of 64 does not repeat each shrink 32 times
+  const int64_t by_blocks = std::max<int64_t>(1, kFusedBlocks / std::max<int64_t>(args.num_tokens, 1));
+  const int64_t by_outputs = std::max<int64_t>(1, (args.d_out + kFusedMinOutputs - 1) / kFusedMinOutputs);
+  const int64_t tiles = std::min(by_blocks, by_outputs);
+  const int64_t outputs_per_block = (args.d_out + tiles - 1) / tiles;
   return by_dtype(args.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    return launch_per_token<scalar_t>(args, delta_fused_kernel<scalar_t>, kFusedThreads,
-                                      kFusedThreads * kFusedOutputsPerThread, stream);
+    return launch_per_token<scalar_t>(args, delta_fused_kernel<scalar_t>, kFusedThreads, outputs_per_block, stream);
   });
 }
 

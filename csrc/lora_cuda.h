@@ -21,7 +21,11 @@ struct LoraArgs {
   const void* x = nullptr;  // [T, d_in], rows x_row_stride apart, unit inner stride
   int64_t x_row_stride = 0;
   const void* A = nullptr;  // [S, r_max, d_in] contiguous
-  const void* B = nullptr;  // [S, d_out, r_max] contiguous
+  const void* B = nullptr;  // [S, d_out, r_max]: contiguous for the two-launch path, any strides
+                            // (b_*_stride, in elements) for the fused one
+  int64_t b_slot_stride = 0;
+  int64_t b_out_stride = 0;
+  int64_t b_rank_stride = 0;
   const float* scales = nullptr;  // [S]
   const int64_t* ranks = nullptr;  // [S] or null
   const int64_t* token_order = nullptr;  // [T]
@@ -36,6 +40,9 @@ struct LoraArgs {
   int64_t r_max = 0;
   int64_t d_in = 0;
   int64_t d_out = 0;
+  // x rows and A rows start on 16-byte boundaries (and d_in fills whole 16-byte vectors): the
+  // fused kernel's shrink then reads them 16 bytes at a time
+  bool vector_loads = false;
 };
 
 // t[token, :k] = A[slot, :k] @ x[token] for every token with a slot; other entries untouched.
@@ -43,6 +50,8 @@ cudaError_t launch_lora_shrink(const LoraArgs& args, cudaStream_t stream);
 // out[token] += scales[slot] * B[slot, :, :k] @ t[token, :k] for every token with a slot.
 cudaError_t launch_lora_expand(const LoraArgs& args, cudaStream_t stream);
 // Both in one launch (no t): out[token] += scales[slot] * B[slot, :, :k] @ A[slot, :k] @ x[token].
+// Blocks (token position, output tile), about kFusedBlocks of them: each repeats its token's
+// shrink (from L2 after the first) and expands its tile.
 cudaError_t launch_lora_delta_fused(const LoraArgs& args, cudaStream_t stream);
 
 // Batches up to this many tokens take the fused launch.

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 #include "lora_cuda.h"
 
 namespace lora_fast {
@@ -90,6 +92,9 @@ void set_expand_args(LoraArgs& a, int64_t num_tokens, const at::Tensor& B, const
                     "scales must be a float32 tensor with one entry per slot");
   a.dtype = dtype_of(B);
   a.B = B.const_data_ptr();
+  a.b_slot_stride = B.stride(0);
+  a.b_out_stride = B.stride(1);
+  a.b_rank_stride = B.stride(2);
   a.scales = scales.const_data_ptr<float>();
   a.out = out.mutable_data_ptr();
   a.out_row_stride = out.stride(0);
@@ -129,7 +134,6 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = row_major(x_in);
   const at::Tensor A = A_in.contiguous();
-  const at::Tensor B = B_in.contiguous();
   const at::Tensor scales = scales_in.contiguous();
   LoraArgs a = metadata_args(x.size(0), A.size(0), token_order, segment_starts, segment_lengths, ranks);
   a.dtype = dtype_of(x);
@@ -139,10 +143,15 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   a.r_max = A.size(1);
   a.d_in = A.size(2);
   if (x.size(0) <= kFusedMaxTokens) {
-    set_expand_args(a, x.size(0), B, scales, out);
+    // B through its own strides (no copy of a rank-major stack per call)
+    set_expand_args(a, x.size(0), B_in, scales, out);
+    const int64_t bytes = x.element_size();
+    a.vector_loads = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.A) % 16 == 0 &&
+                     (a.x_row_stride * bytes) % 16 == 0 && (a.d_in * bytes) % 16 == 0;
     check(launch_lora_delta_fused(a, c10::cuda::getCurrentCUDAStream()), "lora_delta (fused)");
     return;
   }
+  const at::Tensor B = B_in.contiguous();
   // The shrink writes every entry the expand reads (rank-k columns of tokens with a slot).
   at::Tensor t = at::empty({x.size(0), A.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
   a.t = t.mutable_data_ptr();

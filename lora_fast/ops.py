@@ -16,7 +16,7 @@ import torch
 
 from . import _checks as check
 from . import reference
-from .backends import available, select
+from .backends import available, forced, select
 from .batch import AdapterBatch
 from .reference import accumulation_dtype
 
@@ -132,7 +132,18 @@ def _delta_impl(
     ranks: Tensor | None,
     out: Tensor,
 ) -> None:
-    _delta_into(x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out)
+    _delta_into(
+        x, A, B, token_slots, token_order, segment_starts, segment_lengths, scales, ranks, out, route=True
+    )
+
+
+def _routes_to_cuda(x: Tensor, A: Tensor) -> bool:
+    """True where this GPU's config table sends an in-place inference delta to the CUDA C++
+    one-launch kernel (a ``cuda_delta`` row that matches: the tuner measured it faster than the
+    Triton kernels there) and nothing forces a backend."""
+    if forced() is not None or "cuda" not in available("cuda", x.dtype):
+        return False
+    return _triton().configs.find("cuda_delta", x.device, x.shape[0], A.shape[1], x.shape[1]) is not None
 
 
 def _delta_into(
@@ -148,14 +159,18 @@ def _delta_into(
     out: Tensor,
     accumulate: bool = True,
     keep_t: bool = False,
+    route: bool = False,
 ) -> Tensor | None:
     """The delta added into ``out`` (written there with ``accumulate=False``: ``out`` may then
     hold anything). Returns the shrink of x as the backward can take it instead of running that
     shrink again (``t_partials``), or None: the Triton kernels' split-K partials (always, as the
     kernels write them anyway, except the one-launch kernel), the C++ kernels' ``t [T, r_max]``
     when ``keep_t`` (the shrink and the expand then run as two calls, which costs the same at
-    training sizes; without it, one fused call keeps t in registers)."""
+    training sizes; without it, one fused call keeps t in registers). ``route``: an in-place
+    inference call, which the config table may send to the CUDA backend (``_routes_to_cuda``)."""
     backend = select(x.device, x.dtype)
+    if route and backend == "triton" and x.is_cuda and _routes_to_cuda(x, A):
+        backend = "cuda"
     if backend == "torch":
         batch = AdapterBatch.from_metadata(token_slots, token_order, segment_starts, segment_lengths)
         if not accumulate:

@@ -316,6 +316,38 @@ def test_tuner_times_fused_linear_candidates_and_builds_linear_rows(monkeypatch,
     assert configs.find("linear", torch.device("cpu"), 300, 16, 48) is None
 
 
+def test_tuner_sends_buckets_the_cuda_backend_wins_to_it(tmp_path):
+    """Where the CUDA C++ one-launch delta beat the chosen Triton candidate (rank bucket by rank
+    bucket), the table gets a cuda_delta row; its Triton rows stay, for every other path. Above
+    the CUDA kernel's token limit it was not timed, so never chosen."""
+    from lora_fast.kernels import configs
+
+    from benchmarks import tune_triton
+
+    cuda = tune_triton.CUDA_CANDIDATE
+    names = ("split16_segments", cuda)
+    candidates = {"split16_segments": tune_triton.DECODE_CANDIDATES["split16_segments"], cuda: None}
+
+    def row(T, r, triton_us, cuda_us):
+        return {"phase": "decode", "T": T, "L": 1, "r": r, "order": "contiguous"} | dict(
+            zip(names, (triton_us, cuda_us), strict=True)
+        )
+
+    rows = [row(1, 8, 9.5, 5.0), row(1, 64, 11.0, 14.0), row(256, 16, 13.0, None)]
+    table = tune_triton.build_table(rows, candidates, "test GPU")
+    assert table["cuda_delta"] == [
+        {"when": {"max_tokens": 1, "max_rank": 8}, "config": {}},
+        {"when": {"max_tokens": 1}, "config": None},
+        {"when": {"max_tokens": 256}, "config": None},
+        {"config": None},
+    ]
+    assert table["shrink"][0]["config"] == candidates["split16_segments"]["shrink"]  # Triton's rows stay
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    assert configs._lookup(path, "cuda_delta", 1, 8, 4096) == (True, {})
+    assert configs._lookup(path, "cuda_delta", 1, 16, 4096) == (True, None)
+
+
 def test_reference_anchors_are_keyed_like_the_sweep_rows():
     """The H100 vLLM numbers must be found for the sweep's shapes (a key mismatch once left the
     comparison column empty on a GPU run)."""
