@@ -168,6 +168,8 @@ def lora_linear(
     d_out = W.shape[0]
     if out is None:
         out = torch.empty((num_tokens, d_out), dtype=x.dtype, device=x.device)
+    if bias is not None:
+        bias = bias.contiguous()  # (read with unit stride; an nn.Linear's bias already is)
     if num_tokens == 0 or d_out == 0:
         return out
     if r_max > 0:

@@ -443,12 +443,22 @@ def test_linear_kernel_matches_reference(dtype, shape):
 
 @pytest.mark.parametrize(
     "case",
-    ["no_bias", "column_major_w", "rank_major_b", "no_ranks", "all_none", "empty_segments", "zero_rank"],
+    [
+        "no_bias",
+        "strided_bias",
+        "column_major_w",
+        "rank_major_b",
+        "no_ranks",
+        "all_none",
+        "empty_segments",
+        "zero_rank",
+    ],
 )
 def test_linear_kernel_layouts_and_edge_batches(case):
     shape = (29, 4, 70, 45, 24)
     args = {
         "no_bias": {"bias": False},
+        "strided_bias": {},
         "column_major_w": {"transposed_w": True},
         "rank_major_b": {"rank_major": True},
         "no_ranks": {"mixed_ranks": False},
@@ -464,6 +474,8 @@ def test_linear_kernel_layouts_and_edge_batches(case):
         c["ranks"] = None
     if case == "zero_rank":
         c["ranks"] = torch.tensor([24, 0, 0, 7], device=DEVICE)
+    if case == "strided_bias":  # every other entry of a longer vector
+        c["bias"] = torch.stack([c["bias"], torch.full_like(c["bias"], float("nan"))], 1).reshape(-1)[::2]
     got = run_linear(c, ranks=ranks)
     want = expected_linear(c)
     assert_close(got, want, torch.float32, magnitude=float(want.abs().max()))
