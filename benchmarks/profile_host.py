@@ -93,6 +93,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = bench_lora_train.lora_fast_step(problem)
     print(f"\ntraining step T={T} L={L} r=16 d={d}: {wall_us(step, device, 10):.0f} us wall")
     profile(step, "training step", 5, args.top)
+    if device == "cuda":
+        with torch.no_grad():
+            kernel_times(forward_fast, "accelerated decode forward", 5)
+        kernel_times(step, "training step", 5)
+
+
+def kernel_times(fn: Callable[[], object], label: str, calls: int) -> None:
+    """The GPU's own time per kernel over ``calls`` calls (torch.profiler's CUDA activity): which
+    kernels a step's device time goes to, whatever the host adds around them."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n== {label}: GPU time per kernel over {calls} calls")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,19 @@ PREFILL_CANDIDATES = {
     ),
     # one slot per program (a positions block that straddles two segments walks both)
     "m64_split2_compact": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 2),
+    # more programs for the shortest prefill: at T = 1024 the shrink above launches 16 x 2 = 32
+    # programs for 132 SMs (29-31 us on the H100 against an 8.5-9.8 us floor); 32-row blocks and
+    # an 8-way split launch 256
+    "m32_split8_positions": _candidate(
+        None,
+        _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8},
+        _PREFILL_EXPAND | {"BLOCK_M": 32},
+        0,
+    ),
+    # the expand's launch overlapping the shrink's tail, as at decode sizes
+    "m64_split4_pdl_positions": _candidate(
+        None, _PREFILL_SHRINK | {"SPLIT_K": 4, "PDL": 1}, _PREFILL_EXPAND | {"PDL": 1}, 0
+    ),
 }
 # fused_lora_linear at decode sizes: F.linear then lora_delta ("composed"; captured in a graph,
 # the shrink runs beside the GEMM on a side stream), or the shrink then one kernel for the base
