@@ -82,15 +82,6 @@ DECODE_CANDIDATES = {
     # programmatic dependent launch: the expand's launch overlaps the shrink's tail (Hopper; the
     # two-launch decode shapes took 10-14 us on the H200, about two launch latencies)
     "split16_compact_pdl": _candidate(None, _DECODE_SHRINK | {"PDL": 1}, _DECODE_EXPAND | {"PDL": 1}, 2),
-    # one launch for T=1 (an issue target): each program still runs the whole shrink of its
-    # tokens, so fewer, wider output blocks (A read 16 times, not 32) and a deeper, wider K
-    # pipeline than the retired fused rows, whose 16 serial K steps of 256 took 19-27 us at T=1
-    "fused_n256_k512": _candidate(
-        {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 512, "MAX_BLOCK_R": 64, "num_warps": 8, "num_stages": 3},
-        _DECODE_SHRINK,
-        _DECODE_EXPAND,
-        2,
-    ),
 }
 _FUSED_RETIRED = {
     "BLOCK_M": 16,
@@ -114,13 +105,23 @@ RETIRED_CANDIDATES = {
         0,
     ),
     "m64_segments": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 1),
-}
-PREFILL_CANDIDATES = {
+    # lost every shape of the H100's tuning run of 2026-11-26 (tune_triton_nvidia-h100-80gb-hbm3):
+    # the one-launch delta with wide output blocks and a deep K pipeline, 1.5x-3x the two-launch
+    # time (15.3-18.9 against 9.5-11.5 us at T=1; the CUDA C++ one-launch kernel is the T=1
+    # candidate now), and the unsplit and 256-wide prefill rows, 4-30% behind the split-K 2 one
+    "fused_n256_k512": _candidate(
+        {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 512, "MAX_BLOCK_R": 64, "num_warps": 8, "num_stages": 3},
+        _DECODE_SHRINK,
+        _DECODE_EXPAND,
+        2,
+    ),
     "m64_positions": _candidate(None, _PREFILL_SHRINK, _PREFILL_EXPAND, 0),
-    "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
     "m64_n256_positions": _candidate(
         None, _PREFILL_SHRINK | {"BLOCK_K": 128}, _PREFILL_EXPAND | {"BLOCK_N": 256, "num_warps": 8}, 0
     ),
+}
+PREFILL_CANDIDATES = {
+    "m64_split2_positions": _candidate(None, _PREFILL_SHRINK | {"SPLIT_K": 2}, _PREFILL_EXPAND, 0),
     "m64_split2_r16_positions": _candidate(
         None,
         _PREFILL_SHRINK | {"SPLIT_K": 2, "MAX_BLOCK_R": 16},
