@@ -23,6 +23,13 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+# The C++ runtime named explicitly: on the H100 image of 2026-11-26 (Ubuntu 24.04, g++ 13.3) the
+# installed module came out without libstdc++ among its needed libraries (its C++ runtime symbols
+# left to whatever the process had loaded), and every C++ error raised inside it crashed the
+# process instead of reaching Python (benchmarks/check_cpp_errors.py probes this after a build).
+LINK_ARGS = ["-Wl,--no-as-needed", "-lstdc++"]
+
+
 def extension():
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/lora_cpu.cpp"]
     cxx_flags = ["-O3"]
@@ -34,8 +41,11 @@ def extension():
             sources,
             define_macros=[("LORA_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=LINK_ARGS,
         )
-    return cpp_extension.CppExtension("lora_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension(
+        "lora_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=LINK_ARGS
+    )
 
 
 setup(
