@@ -2,7 +2,10 @@
 
 Each kernel has a list of entries; the first whose bounds hold (``max_tokens``, ``max_rank``,
 ``max_d``; a missing bound always holds) is used. A ``"config": null`` entry says "not this
-kernel" for its shapes (the fused delta: use shrink + expand there). Nothing is autotuned at run
+kernel" for its shapes (the fused delta: use shrink + expand there). Besides the delta's kernels
+(``fused``, ``shrink``, ``expand``, ``weight_grad``), ``linear`` holds fused_lora_linear's
+one-kernel GEMM + expand (kernels/lora_linear.py; null or absent: F.linear + lora_delta) and
+``cuda_delta`` the shapes whose in-place inference deltas go to the CUDA C++ backend (``{}``). Nothing is autotuned at run
 time; benchmarks/tune_triton.py writes a GPU's table from measurements.
 ``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
 
