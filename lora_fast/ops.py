@@ -618,9 +618,9 @@ def fused_lora_linear(
     delta into the still-cached output rows.
     With the Triton backend and no autograd, where the GPU's config table has a ``linear`` row
     for the shape, the shrink runs and then one kernel computes the base GEMM and adds the expand
-    to its tile before writing it (kernels/lora_linear.py). Without such a row, on CUDA while a
-    CUDA graph is captured, the shrink runs on a side stream beside ``F.linear`` and the expand
-    adds into its output after both (``LORA_FAST_OVERLAP_SHRINK=0`` keeps one stream).
+    to its tile before writing it (kernels/lora_linear.py). Without such a row, with
+    ``LORA_FAST_OVERLAP_SHRINK=1``, on CUDA while a CUDA graph is captured, the shrink runs on a
+    side stream beside ``F.linear`` and the expand adds into its output after both.
     Everywhere else this is ``F.linear`` followed by ``lora_delta`` added into its output, which
     is differentiable w.r.t. every tensor argument.
     """
@@ -659,7 +659,7 @@ def fused_lora_linear(
             )
         if (
             x.is_cuda
-            and os.environ.get(OVERLAP_ENV, "1") != "0"
+            and os.environ.get(OVERLAP_ENV) == "1"
             and batch.num_tokens > 0
             and torch.cuda.is_current_stream_capturing()
         ):
@@ -668,10 +668,11 @@ def fused_lora_linear(
     return lora_delta(x, A, B, batch, scales, ranks, out=out, check_args=False)
 
 
-# While a CUDA graph is captured, fused_lora_linear runs the shrink on a side stream beside the
-# base GEMM (both only read x), and the expand after both; LORA_FAST_OVERLAP_SHRINK=0 keeps the
-# three launches in one stream. Eager calls never fork: the stream switch would cost host time
-# that an eager decode step (host-bound already) pays in full.
+# With LORA_FAST_OVERLAP_SHRINK=1, while a CUDA graph is captured, fused_lora_linear runs the
+# shrink on a side stream beside the base GEMM (both only read x), and the expand after both.
+# Opt-in until a GPU has measured it (bench_peft times the graph both ways). Eager calls never
+# fork: the stream switch would cost host time that an eager decode step (host-bound already)
+# pays in full.
 OVERLAP_ENV = "LORA_FAST_OVERLAP_SHRINK"
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 

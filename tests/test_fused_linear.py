@@ -179,9 +179,9 @@ def test_cuda_composes_the_base_gemm_and_the_delta(dtype):
 @pytest.mark.parametrize("overlap", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_capture_overlaps_the_shrink_with_the_base_gemm(dtype, overlap, monkeypatch):
-    """Captured in a CUDA graph, fused_lora_linear runs the shrink on a side stream beside the
-    base GEMM (LORA_FAST_OVERLAP_SHRINK=0: one stream); replays give the reference's answer on
-    fresh inputs copied into the captured buffers, each replay after out is poisoned."""
+    """Captured in a CUDA graph with LORA_FAST_OVERLAP_SHRINK=1, fused_lora_linear runs the
+    shrink on a side stream beside the base GEMM (0: one stream); replays give the reference's
+    answer on fresh inputs copied into the captured buffers, each replay after out is poisoned."""
     kernels = pytest.importorskip("lora_fast.kernels")
     if not kernels.AVAILABLE:
         pytest.skip("triton is not installed")
