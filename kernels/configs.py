@@ -5,8 +5,9 @@ Each kernel has a list of entries; the first whose bounds hold (``max_tokens``, 
 kernel" for its shapes (the fused delta: use shrink + expand there). Besides the delta's kernels
 (``fused``, ``shrink``, ``expand``, ``weight_grad``), ``linear`` holds fused_lora_linear's
 one-kernel GEMM + expand (kernels/lora_linear.py; null or absent: F.linear + lora_delta) and
-``cuda_delta`` the shapes whose in-place inference deltas go to the CUDA C++ backend (``{}``). Nothing is autotuned at run
-time; benchmarks/tune_triton.py writes a GPU's table from measurements.
+``cuda_delta`` the shapes whose in-place inference deltas go to the CUDA C++ backend (``{}``).
+Nothing is autotuned at run time; benchmarks/tune_triton.py writes a GPU's table from
+measurements.
 ``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
 
 A config holds the kernel's block sizes (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_N``, ``BLOCK_D``),
