@@ -442,8 +442,9 @@ def sweep_shapes(quick: bool) -> tuple[list[dict], list[dict]]:
     count in their T and r_max bucket like any other shape), in contiguous token order only: the
     kernels read tokens in slot-sorted order either way, and on the H200 every candidate's time
     in interleaved order was within 4.1% of its contiguous time on all 16 measured pairs (the
-    op sweep still times both orders). That leaves the tuner's step limit to the prefill shapes."""
-    shapes = [s for s in bench_lora_ops.gpu_shapes(quick) if s["order"] != "interleaved"]
+    op sweep still times both orders). That leaves the tuner's step limit to the prefill shapes.
+    ``quick`` keeps the op sweep's two quick shapes whatever their order (one decode, one prefill)."""
+    shapes = [s for s in bench_lora_ops.gpu_shapes(quick) if quick or s["order"] != "interleaved"]
     return [s for s in shapes if s["phase"] == "decode"], [s for s in shapes if s["phase"] == "prefill"]
 
 

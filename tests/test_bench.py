@@ -348,6 +348,58 @@ def test_tuner_sends_buckets_the_cuda_backend_wins_to_it(tmp_path):
     assert configs._lookup(path, "cuda_delta", 1, 16, 4096) == (True, None)
 
 
+def test_tuner_main_resumes_and_runs_only_the_phases_asked(monkeypatch, tmp_path):
+    """tune_triton's main on the CPU with its timers stubbed: ``--resume`` keeps an earlier run's
+    rows and times only the shapes they lack, ``--phases`` picks what is timed, and the table
+    and results it writes hold the old rows and the new ones (what a GPU session's
+    ``tune_linear`` step runs)."""
+    from lora_fast.kernels import configs
+
+    from benchmarks import common, tune_triton
+
+    timed = {"decode": [], "linear": []}
+
+    def fake_delta(shapes, candidates, *args, **kwargs):
+        timed["decode"] += shapes
+        name = next(iter(candidates))
+        return [
+            {k: shape[k] for k in ("phase", "T", "L", "r", "order")} | {name: 1.0, "best": name}
+            for shape in shapes
+        ]
+
+    def fake_linear(shapes, candidates, d, dtype, repetitions, workdir, base, device="cuda"):
+        assert "shrink" in base and "linear" not in base  # the delta's rows, its own left out
+        timed["linear"] += shapes
+        return [
+            {k: shape[k] for k in ("phase", "T", "L", "r", "order")} | {"composed": 2.0, "best": "composed"}
+            for shape in shapes
+        ]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune_triton, "time_candidates", fake_delta)
+    monkeypatch.setattr(tune_triton, "time_linear_candidates", fake_linear)
+    monkeypatch.setattr(common, "machine", lambda: {"gpu": "Test GPU"})
+    monkeypatch.setattr(configs, "table_path", lambda device: configs.CONFIG_DIR / "interpreter.json")
+    decode, _ = tune_triton.sweep_shapes(quick=False)
+    earlier = fake_delta(decode, {"split16_segments": None})
+    resume = tmp_path / "earlier.rows.jsonl"
+    resume.write_text("".join(json.dumps(row) + "\n" for row in earlier))
+    timed["decode"].clear()
+    table_path = tmp_path / "table.json"
+    argv = ["--table", str(table_path), "--out-dir", str(tmp_path), "--resume", str(resume)]
+    table = tune_triton.main([*argv, "--phases", "decode", "linear"])
+    assert timed["decode"] == []  # every decode shape was in the earlier rows
+    assert [s["T"] for s in timed["linear"]] == [
+        s["T"] for s in decode if s["T"] <= tune_triton.LINEAR_MAX_TOKENS
+    ]
+    assert table["linear"][-1] == {"config": None} and table["linear"][0]["config"] is None  # composed
+    assert json.loads(table_path.read_text())["_choices"] == table["_choices"]
+    (written,) = tmp_path.glob("tune_triton_test-gpu.json")
+    assert [row["phase"] for row in json.loads(written.read_text())["rows"]] == ["decode"] * len(decode) + [
+        "linear"
+    ] * len(timed["linear"])
+
+
 def test_reference_anchors_are_keyed_like_the_sweep_rows():
     """The H100 vLLM numbers must be found for the sweep's shapes (a key mismatch once left the
     comparison column empty on a GPU run)."""
