@@ -139,7 +139,7 @@ resume)
     if [[ -n ${CHECK_TESTS:-} ]]; then
         (g++ --version | head -1; ldd lora_fast/_C*.so | grep -E "stdc|gcc_s"; command -v gdb) >"$WORK/toolchain.txt" 2>&1
         step check 40 $PY -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider $CHECK_TESTS
-        if command -v gdb >/dev/null; then
+        if command -v gdb >/dev/null; then  # (rc=1 when nothing crashed: no stack to print)
             step check-gdb 40 gdb -q -batch -ex run -ex bt --args $PY -m pytest -q -x -p no:xdist $CHECK_TESTS
         fi
     fi

@@ -457,3 +457,38 @@ def test_host_launch_times_every_case_without_a_gpu():
     lines = [line for line in result.stdout.splitlines() if "us of host thread time" in line]
     assert len(lines) == 6
     assert all(0 < float(line.split("us of host")[0].split()[-1]) < 1e5 for line in lines)
+
+
+@pytest.mark.parametrize(
+    "phase, steps",
+    [
+        ("all", ["build", "backends", "cpp-errors", "gpu-tests", "linear", "ops", "train", "peft"]),
+        ("tune", ["build", "backends", "cpp-errors", "gpu-tests", "tune", "ops", "train", "profile", "peft"]),
+        ("resume", ["build", "check", "tune", "ops"]),
+    ],
+)
+def test_gpu_session_script_runs_its_steps_in_order(phase, steps, tmp_path):
+    """benchmarks/gpu_session.sh with ``true`` standing in for Python: every step of a phase runs,
+    in order, is logged in steps.txt, and the results come back packed in one archive (a broken
+    script would otherwise be found on a lent GPU, in its limited time)."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    env = dict(os.environ, PY="true", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
+    env |= {"RESUME_ROWS": "rows.jsonl", "CHECK_TESTS": "tests/none.py"}
+    result = subprocess.run(
+        ["bash", str(script), phase], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = (tmp_path / "out" / "steps.txt").read_text().splitlines()
+    if phase == "resume" and shutil.which("gdb"):  # a native backtrace of the checks, where it can
+        steps = [*steps[:2], "check-gdb", *steps[2:]]
+    assert [line.split()[0] for line in logged] == steps
+    # (gdb's step ends with rc=1 when the program it ran exits normally: no stack to print)
+    assert all(" rc=0 " in line for line in logged if not line.startswith("check-gdb"))
+    with tarfile.open(tmp_path / "out" / f"gpu_{phase}.tar.gz") as archive:
+        assert "./steps.txt" in archive.getnames()
