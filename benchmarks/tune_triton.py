@@ -16,12 +16,11 @@ to kernels/configs/<GPU>.json (or --table) and every measurement beside the benc
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -203,6 +202,58 @@ def candidate_table(candidate: dict) -> dict:
     } | {"weight_grad": [{"config": WEIGHT_GRAD}]}
 
 
+def _time_rows(
+    shapes: Sequence[dict],
+    paths: dict[str, Path],
+    repetitions: int,
+    problem: Callable[[dict], object],
+    measure: Callable[[object, str], tuple[float, Callable[[], object]] | None],
+    phase: str | None = None,
+) -> list[dict]:
+    """What both tuner phases do per shape: build ``problem(shape)`` once, then for each candidate
+    (its table in LORA_FAST_TRITON_CONFIG) ``measure(problem, name)`` gives its error against the
+    reference and the call to time (None: not timed here). A candidate that fails or disagrees
+    gets None, so it is never chosen; the row also names the fastest."""
+    rows = []
+    previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
+    try:
+        for shape in shapes:
+            p = problem(shape)
+            row = {"phase": phase or shape["phase"], "T": shape["T"], "L": shape["L"], "r": shape["r"]}
+            row["order"] = shape["order"] + ("+mixed_ranks" if shape["mixed"] else "")
+            for name, path in paths.items():
+                os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
+                row[name] = None
+                try:
+                    measured = measure(p, name)
+                    if measured is None:
+                        continue
+                    error, fn = measured
+                    if error < 0.05:
+                        row[name] = common.gpu_median_us(fn, repetitions)
+                    else:
+                        print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
+                except Exception as err:  # noqa: BLE001 - report and go on with the others
+                    print(f"{name} failed on {shape}: {type(err).__name__}: {str(err)[:200]}")
+            timed = [n for n in paths if row[n] is not None]
+            if not timed:
+                raise RuntimeError(f"no candidate ran on {shape}")
+            row["best"] = best = min(timed, key=lambda n: row[n])
+            rows.append(row)
+            common.record_row(row)
+            print(
+                f"{row['phase']:7s} T={row['T']:5d} L={row['L']:2d} r={row['r']:2d} {row['order']:12s} "
+                f"best {best:22s} {row[best]:8.1f} us  " + " ".join(f"{n}={row[n]:.1f}" for n in timed),
+                flush=True,
+            )
+    finally:
+        if previous is None:
+            os.environ.pop("LORA_FAST_TRITON_CONFIG", None)
+        else:
+            os.environ["LORA_FAST_TRITON_CONFIG"] = previous
+    return rows
+
+
 def time_candidates(
     shapes: Sequence[dict],
     candidates: dict[str, dict],
@@ -221,48 +272,19 @@ def time_candidates(
         paths[name] = workdir / f"{name}.json"
         if candidate is not None:
             paths[name].write_text(json.dumps(candidate_table(candidate)))
-    rows = []
-    previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
-    try:
-        for shape in shapes:
-            p = bench_lora_ops.make_problem(
-                shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
-            )
-            row = {k: shape[k] for k in ("phase", "T", "L", "r")}
-            row["order"] = shape["order"] + ("+mixed_ranks" if shape["mixed"] else "")
-            for name, path in paths.items():
-                os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
-                row[name] = None  # a candidate that fails or disagrees is never chosen
-                backend = "cuda" if name == CUDA_CANDIDATE else "triton"
-                if backend == "cuda" and shape["T"] > CUDA_MAX_TOKENS:
-                    continue
-                try:
-                    error = bench_lora_ops.check_agreement(p, backend)
-                    if error < 0.05:
-                        row[name] = common.gpu_median_us(bench_lora_ops.lora_fast_op(p, backend), repetitions)
-                    else:
-                        print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
-                except Exception as err:  # noqa: BLE001 - report and go on with the others
-                    print(f"{name} failed on {shape}: {type(err).__name__}: {str(err)[:200]}")
-            timed = [n for n in paths if row[n] is not None]
-            if not timed:
-                raise RuntimeError(f"no candidate ran on {shape}")
-            best = min(timed, key=lambda n: row[n])
-            row["best"] = best
-            rows.append(row)
-            common.record_row(row)
-            print(
-                f"{shape['phase']:7s} T={shape['T']:5d} L={shape['L']:2d} r={shape['r']:2d} "
-                f"{shape['order']:12s} best {best:22s} {row[best]:8.1f} us  "
-                + " ".join(f"{n}={row[n]:.1f}" for n in timed),
-                flush=True,
-            )
-    finally:
-        if previous is None:
-            os.environ.pop("LORA_FAST_TRITON_CONFIG", None)
-        else:
-            os.environ["LORA_FAST_TRITON_CONFIG"] = previous
-    return rows
+
+    def problem(shape: dict) -> dict:
+        return bench_lora_ops.make_problem(
+            shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
+        )
+
+    def measure(p: dict, name: str):
+        backend = "cuda" if name == CUDA_CANDIDATE else "triton"
+        if backend == "cuda" and p["x"].shape[0] > CUDA_MAX_TOKENS:
+            return None
+        return bench_lora_ops.check_agreement(p, backend), bench_lora_ops.lora_fast_op(p, backend)
+
+    return _time_rows(shapes, paths, repetitions, problem, measure)
 
 
 def time_linear_candidates(
@@ -283,53 +305,30 @@ def time_linear_candidates(
         paths[name] = workdir / f"{name}.json"
         rows_of = [] if candidate is None else [{"config": candidate}]
         paths[name].write_text(json.dumps(base_table | {"linear": rows_of}))
-    rows = []
-    previous = os.environ.get("LORA_FAST_TRITON_CONFIG")
-    try:
-        for shape in shapes:
-            p = bench_lora_ops.make_problem(
-                shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
-            )
-            W = (torch.randn(d, d, generator=torch.Generator().manual_seed(1)) / d**0.5).to(device, dtype)
-            batch = lora_fast.AdapterBatch(p["adapter_ids"], p["A"].shape[0])
-            args = (p["x"], W, None, p["A"], p["B"], batch, p["scales"], p["ranks"])
-            with lora_fast.use_backend("torch"):
-                expected = lora_fast.fused_lora_linear(*args).double()
-            row = {"phase": "linear", "T": shape["T"], "L": shape["L"], "r": shape["r"]}
-            row["order"] = shape["order"] + ("+mixed_ranks" if shape["mixed"] else "")
-            for name, path in paths.items():
-                os.environ["LORA_FAST_TRITON_CONFIG"] = str(path)
-                row[name] = None  # a candidate that fails or disagrees is never chosen
-                try:
-                    with torch.no_grad(), lora_fast.use_backend("triton"):
-                        got = lora_fast.fused_lora_linear(*args).double()
-                        error = float((got - expected).abs().max() / expected.abs().max())
-                        if error < 0.05:
-                            row[name] = common.gpu_median_us(
-                                functools.partial(lora_fast.fused_lora_linear, *args), repetitions
-                            )
-                        else:
-                            print(f"{name} disagrees with the reference on {shape}: {error:.3g}")
-                except Exception as err:  # noqa: BLE001 - report and go on with the others
-                    print(f"{name} failed on {shape}: {type(err).__name__}: {str(err)[:200]}")
-            timed = [n for n in paths if row[n] is not None]
-            if not timed:
-                raise RuntimeError(f"no candidate ran on {shape}")
-            row["best"] = min(timed, key=lambda n: row[n])
-            rows.append(row)
-            common.record_row(row)
-            print(
-                f"linear  T={shape['T']:5d} L={shape['L']:2d} r={shape['r']:2d} {row['order']:12s} best "
-                f"{row['best']:22s} {row[row['best']]:8.1f} us  "
-                + " ".join(f"{n}={row[n]:.1f}" for n in timed),
-                flush=True,
-            )
-    finally:
-        if previous is None:
-            os.environ.pop("LORA_FAST_TRITON_CONFIG", None)
-        else:
-            os.environ["LORA_FAST_TRITON_CONFIG"] = previous
-    return rows
+
+    def problem(shape: dict) -> tuple:
+        p = bench_lora_ops.make_problem(
+            shape["T"], shape["L"], d, shape["r"], dtype, shape["order"], shape["mixed"], device
+        )
+        W = (torch.randn(d, d, generator=torch.Generator().manual_seed(1)) / d**0.5).to(device, dtype)
+        batch = lora_fast.AdapterBatch(p["adapter_ids"], p["A"].shape[0])
+        args = (p["x"], W, None, p["A"], p["B"], batch, p["scales"], p["ranks"])
+        with lora_fast.use_backend("torch"):
+            return args, lora_fast.fused_lora_linear(*args).double()
+
+    def measure(problem: tuple, name: str):
+        args, expected = problem
+        with torch.no_grad(), lora_fast.use_backend("triton"):
+            got = lora_fast.fused_lora_linear(*args).double()
+        error = float((got - expected).abs().max() / expected.abs().max())
+
+        def run():
+            with lora_fast.use_backend("triton"):
+                return lora_fast.fused_lora_linear(*args)
+
+        return error, run
+
+    return _time_rows(shapes, paths, repetitions, problem, measure, phase="linear")
 
 
 def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
