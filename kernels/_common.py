@@ -200,6 +200,46 @@ def expand_tile(
 
 
 @triton.jit
+def slot_expand(
+    t_ptr,
+    stride_t_split,
+    stride_t_row,
+    tokens,
+    rows,
+    rank,
+    b_slot,
+    outs,
+    out_ok,
+    stride_b_out,
+    stride_b_rank,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` fp32, unscaled: one slot's expand on ``rows``, t summed over its
+    split-K planes while loading, in rank passes of BLOCK_R columns."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        cols = r0 + offs_r
+        col_ok = cols < rank
+        t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(SPLIT_K):
+            t_tile += tl.load(
+                t_ptr + split * stride_t_split + tokens[:, None] * stride_t_row + cols[None, :],
+                mask=rows[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        acc += expand_tile(
+            t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
+        )
+    return acc
+
+
+@triton.jit
 def add_scaled(out_tile_ptr, mask, acc, scale):
     """out += scale * acc on ``mask``, in fp32, rounded once to out's dtype."""
     current = tl.load(out_tile_ptr, mask=mask, other=0.0)

@@ -23,12 +23,12 @@ from ._common import (
     add_scaled,
     cdiv,
     check_dtype,
-    expand_tile,
     first_slot,
     gdc_wait,
     grid_tokens,
     next_slot,
     rank_block,
+    slot_expand,
     slot_rank,
     use_pdl,
 )
@@ -100,7 +100,6 @@ def _lora_expand_kernel(
         BLOCK_M,
         BLOCK_S,
     )
-    offs_r = tl.arange(0, BLOCK_R)
     out_tile_ptr = out_ptr + tokens[:, None] * stride_out_row + outs[None, :]
     if not ACCUMULATE and GRID == 0:  # (both constexpr)
         # this block's tokens without a slot (positions past the end read as slot -1 too)
@@ -114,20 +113,25 @@ def _lora_expand_kernel(
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
         b_slot = B_ptr + slot * stride_b_slot
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            cols = r0 + offs_r
-            col_ok = cols < rank
-            t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                t_tile += tl.load(
-                    t_ptr + split * stride_t_split + tokens[:, None] * stride_t_row + cols[None, :],
-                    mask=rows[:, None] & col_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            acc += expand_tile(
-                t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
-            )
+        acc = slot_expand(
+            t_ptr,
+            stride_t_split,
+            stride_t_row,
+            tokens,
+            rows,
+            rank,
+            b_slot,
+            outs,
+            out_ok,
+            stride_b_out,
+            stride_b_rank,
+            SPLIT_K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+            UPCAST,
+            IEEE,
+        )
         scale = tl.load(scales_ptr + slot)
         if ACCUMULATE:
             add_scaled(out_tile_ptr, rows[:, None] & out_ok[None, :], acc, scale)

@@ -25,11 +25,11 @@ from ._common import (
     cdiv,
     check_dtype,
     dot,
-    expand_tile,
     first_slot,
     gdc_wait,
     next_slot,
     rank_block,
+    slot_expand,
     slot_rank,
     use_pdl,
 )
@@ -104,26 +104,30 @@ def _lora_linear_kernel(
 
     if WAIT_PRIOR:  # launched as a programmatic dependent of the shrink: its t first
         gdc_wait()
-    offs_r = tl.arange(0, BLOCK_R)
     slot = first_slot(slots, num_slots)
     while slot < num_slots:
         rows = slots == slot
         rank = slot_rank(ranks_ptr, slot, r_max, HAS_RANKS)
         b_slot = B_ptr + slot * stride_b_slot
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            cols = r0 + offs_r
-            col_ok = cols < rank
-            t_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                t_tile += tl.load(
-                    t_ptr + split * stride_t_split + tokens[:, None] * stride_t_row + cols[None, :],
-                    mask=rows[:, None] & col_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            lora += expand_tile(
-                t_tile, b_slot, outs, out_ok, stride_b_out, stride_b_rank, cols, col_ok, UPCAST, IEEE
-            )
+        lora = slot_expand(
+            t_ptr,
+            stride_t_split,
+            stride_t_row,
+            tokens,
+            rows,
+            rank,
+            b_slot,
+            outs,
+            out_ok,
+            stride_b_out,
+            stride_b_rank,
+            SPLIT_K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+            UPCAST,
+            IEEE,
+        )
         acc += tl.where(rows[:, None], lora * tl.load(scales_ptr + slot), 0.0)
         slot = next_slot(slots, slot, num_slots)
     tl.store(

@@ -379,16 +379,9 @@ def test_unknown_grid_mode_is_refused():
         )
 
 
-# fused_lora_linear's one kernel: small blocks so the K loop, the split planes and rank passes
-# all iterate
-LINEAR_SMALL = {
-    "BLOCK_M": 16,
-    "BLOCK_N": 32,
-    "BLOCK_K": 16,
-    "MAX_BLOCK_R": 16,
-    "num_warps": 4,
-    "num_stages": 1,
-}
+# fused_lora_linear's one kernel takes the fused delta's small blocks (the K loop, the split
+# planes and the rank passes all iterate)
+LINEAR_SMALL = SMALL["fused"]
 
 
 def linear_inputs(shape, dtype, bias=True, transposed_w=False, rank_major=False, **case_args):
