@@ -250,6 +250,51 @@ def test_dora_layers_are_reported_and_left_to_peft():
     assert all("variant" in reason for reason in model.lora_fast_report.skipped.values())
 
 
+def test_gpt2_conv1d_projections_are_accelerated_and_match_peft():
+    """GPT-2 keeps its projections in transformers' Conv1D (weight stored [in, out], PEFT's
+    fan_in_fan_out): the delta is the same, only the base layer differs, so it is accelerated."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    base = transformers.GPT2LMHeadModel(config)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    )
+    model = peft.get_peft_model(base, lora, adapter_name="a0")
+    model.add_adapter(
+        "a1", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    randomize(model)
+    model.eval()
+    ids = torch.randint(1, 97, (4, 7))
+    names = ["a1", "__base__", "a0", "a1"]
+    expected = logits(model, ids, adapter_names=names)
+    lora_fast.accelerate(model)
+    report = model.lora_fast_report
+    assert len(report.accelerated) == 2 * 4 and not report.skipped  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert_same(logits(model, ids, adapter_names=names), expected)
+    merged = copy.deepcopy(model)
+    lora_fast.restore(merged)
+    merged.set_adapter("a0")
+    single = merged.merge_and_unload()  # PEFT's merge, which transposes for fan_in_fan_out
+    assert_same(logits(single, ids), logits(model, ids, adapter_names=["a0"] * 4))
+
+
+def test_convolution_lora_layers_are_reported_and_left_to_peft():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0", "2"]), adapter_name="a0")
+    randomize(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    lora_fast.accelerate(model)
+    report = model.lora_fast_report
+    assert list(report.accelerated) == ["base_model.model.2"]
+    assert "Conv2d" in report.skipped["base_model.model.0"]
+    with torch.no_grad():
+        assert_same(model(x), expected)
+
+
 def test_bad_input_gives_clear_errors_and_leaves_the_model_alone():
     with pytest.raises(ValueError, match="no PEFT LoRA layers"):
         lora_fast.accelerate(transformers.LlamaForCausalLM(tiny_config()))
