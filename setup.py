@@ -23,11 +23,31 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-# The C++ runtime named explicitly: on the H100 image of 2026-11-26 (Ubuntu 24.04, g++ 13.3) the
-# installed module came out without libstdc++ among its needed libraries (its C++ runtime symbols
-# left to whatever the process had loaded), and every C++ error raised inside it crashed the
-# process instead of reaching Python (benchmarks/check_cpp_errors.py probes this after a build).
-LINK_ARGS = ["-Wl,--no-as-needed", "-lstdc++"]
+def cxx_runtime() -> list[str]:
+    """Link arguments naming the shared C++ runtime: the libstdc++ this process runs (torch loaded
+    it), by path, so that its symbols cannot come from anywhere else.
+
+    On the H100 image of 2026-11-26 (Ubuntu 24.04, g++ 13.3) the module linked with a plain
+    ``-lstdc++`` (with or without ``--no-as-needed``) had no libstdc++ among its needed libraries,
+    and every failed C++ check we tried there (each message formats numbers) crashed the process
+    instead of raising ValueError. Linked this way it lists libstdc++.so.6 and raises (checked
+    there). Why the plain link left the runtime out was not found; a module linked with
+    ``-static-libstdc++`` on our CPU machine shows the same symptom in milder form (its messages
+    lose every number), and a shared object given by path wins over a static archive the driver
+    adds later."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libstdc++.so" in path:
+                    return [path]
+    except OSError:  # not Linux
+        pass
+    return ["-lstdc++"]
+
+
+# before the compiler driver's own -lstdc++, so the runtime's symbols resolve to the shared object
+LINK_ARGS = ["-Wl,--no-as-needed", *cxx_runtime()]
 
 
 def extension():

@@ -4,7 +4,11 @@
 
 On the H100 image of 2026-11-26 (g++ 13.3, torch 2.11.0+cu130, the extension built with its CUDA
 kernels) every TORCH_CHECK that failed inside lora_fast._C killed the process with a segmentation
-fault instead of raising ValueError; on the CPU machines it raises. Each probe below runs in its
+fault instead of raising ValueError; on the CPU machines it raises. The module had no libstdc++
+among its needed libraries there; since setup.py links the shared runtime by path
+(``cxx_runtime``), a later H100 run of the same day printed ValueError for ``ours``. The lines
+printed first (the module's NEEDED libraries, the runtime this process loaded, and what ``c++``
+finds for ``-lstdc++``) show whether a new image links it the same way. Each probe below runs in its
 own process, so one crash does not hide the others, and prints one line:
 
 - ``ours``: lora_fast._C's lora_delta_ with a token index out of range (must raise ValueError);
@@ -98,6 +102,13 @@ def main() -> None:
         dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
         needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "NEEDED" in line]
         print(path, "NEEDED:", " ".join(needed))
+    # the runtime this process runs, and the one `-lstdc++` finds (a bare name: only the archive)
+    with open("/proc/self/maps") as maps:
+        print("loaded:", sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line}))
+    for name in ("libstdc++.so", "libstdc++.a"):
+        asked = subprocess.run(["c++", f"-print-file-name={name}"], capture_output=True, text=True)
+        found = asked.stdout.strip()
+        print(f"c++ finds {name}: {found} ({'exists' if Path(found).exists() else 'missing'})")
     ours = probe("ours", OURS)
     with tempfile.TemporaryDirectory() as build:
         inline = probe("inline_pybind", INLINE, build, "pybind") & probe("inline_op", INLINE, build, "op")

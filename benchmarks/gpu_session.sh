@@ -39,7 +39,7 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-phase=${1:?usage: gpu_session.sh all|tune|resume|prepare|ops|train-peft}
+phase=${1:?usage: gpu_session.sh all|tune|resume|check-peft|prepare|ops|train-peft}
 
 DEADLINE=$(($(date +%s) + ${BUDGET_S:-570}))  # the phase ends (packed) inside the device call
 
@@ -147,6 +147,19 @@ resume)
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
     step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
     ;;
+check-peft)
+    # a short second call: the rebuilt extension's C++ errors (cpp-errors, then the tests named in
+    # CHECK_TESTS), then bench_peft at PEFT_ADAPTERS (default 16 64) with shorter timing; what
+    # bench_peft finishes before the deadline comes back as rows (peft.rows.jsonl)
+    step build 100 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+    step cpp-errors 60 $PY -m benchmarks.check_cpp_errors
+    if [[ -n ${CHECK_TESTS:-} ]]; then
+        step check 40 $PY -X faulthandler -m pytest -q -p no:xdist -p no:cacheprovider $CHECK_TESTS
+    fi
+    # shellcheck disable=SC2086
+    step peft 600 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --adapters ${PEFT_ADAPTERS:-16 64} \
+        --min-run-time 1 --repetitions 10 --out-dir "$WORK"
+    ;;
 prepare)
     build_and_test 240 150
     step ops-quick 60 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" --quick --out-dir "$WORK"
@@ -161,7 +174,7 @@ train-peft)
     step peft 280 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
 *)
-    echo "unknown phase $phase: all | tune | resume | prepare | ops | train-peft" >&2
+    echo "unknown phase $phase: all | tune | resume | check-peft | prepare | ops | train-peft" >&2
     exit 2
     ;;
 esac

@@ -465,6 +465,7 @@ def test_host_launch_times_every_case_without_a_gpu():
         ("all", ["build", "backends", "cpp-errors", "gpu-tests", "linear", "ops", "train", "peft"]),
         ("tune", ["build", "backends", "cpp-errors", "gpu-tests", "tune", "ops", "train", "profile", "peft"]),
         ("resume", ["build", "check", "tune", "ops"]),
+        ("check-peft", ["build", "cpp-errors", "check", "peft"]),
     ],
 )
 def test_gpu_session_script_runs_its_steps_in_order(phase, steps, tmp_path):
