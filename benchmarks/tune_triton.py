@@ -11,6 +11,9 @@ the grid mode, the shrink's and the expand's blocks), with the same timer as ben
 count T of the sweep and each rank r, the candidate with the lowest geometric mean of
 time / best-time over that bucket's shapes (adapter counts, token orders). It writes the table
 to kernels/configs/<GPU>.json (or --table) and every measurement beside the benchmark results.
+Two more phases time whole calls with the delta's rows in place: fused_lora_linear at decode
+sizes (the ``linear`` rows) and bench_lora_train's training step at prefill sizes (the
+``train_shrink`` rows: the shrink whose split-K planes the backward reads).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 import lora_fast
-from benchmarks import bench_lora_ops, common
+from benchmarks import bench_lora_ops, bench_lora_train, common
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "kernels" / "configs"
 
@@ -177,6 +180,18 @@ LINEAR_CANDIDATES = {
         "num_warps": 4,
         "num_stages": 4,
     },
+}
+# The shrink whose partials a training step's backward reads (the table's train_shrink kind:
+# the training forward's shrink of x, kept for dB, and the backward's shrink of dy). The weight
+# gradients read every split-K plane of both, so the forward's best split is not the training
+# step's: on the H100 the forward's BLOCK_M 32 / split-K 8 row at T <= 4096 made the T = 4096
+# training step 12-18% slower than the split-K 2 row before it (gpu_2026-11-26_h100_run5.md).
+# Timed on bench_lora_train's step (forward and backward, graph-replayed) at the prefill sizes.
+TRAIN_CANDIDATES = {
+    "train_m64_split1": _PREFILL_SHRINK | {"SEGMENTED": 0},
+    "train_m64_split2": _PREFILL_SHRINK | {"SPLIT_K": 2, "SEGMENTED": 0},
+    "train_m32_split2": _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 2, "SEGMENTED": 0},
+    "train_m32_split8": _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8, "SEGMENTED": 0},
 }
 # the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
 # decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which
@@ -331,6 +346,47 @@ def time_linear_candidates(
     return _time_rows(shapes, paths, repetitions, problem, measure, phase="linear")
 
 
+def time_train_candidates(
+    shapes: Sequence[dict],
+    candidates: dict[str, dict],
+    d: int,
+    dtype: torch.dtype,
+    repetitions: int,
+    workdir: Path,
+    base_table: dict,
+    device: str = "cuda",
+) -> list[dict]:
+    """One row per shape (phase "train"): the median microseconds of bench_lora_train's step
+    (lora_delta forward and backward, the tokens' adapters interleaved) on the Triton backend,
+    with ``base_table`` and each candidate as its ``train_shrink`` row."""
+    paths = {}
+    for name, candidate in candidates.items():
+        paths[name] = workdir / f"{name}.json"
+        paths[name].write_text(json.dumps(base_table | {"train_shrink": [{"config": candidate}]}))
+
+    def problem(shape: dict) -> tuple[dict, tuple]:
+        p = bench_lora_train.make_problem(shape["T"], shape["L"], d, shape["r"], dtype, device)
+        with lora_fast.use_backend("torch"):
+            expected = bench_lora_train.lora_fast_step(p)()
+        return p, tuple(g.double() for g in expected)
+
+    def measure(problem: tuple, name: str):
+        p, expected = problem
+        step = bench_lora_train.lora_fast_step(p)
+
+        def run():
+            with lora_fast.use_backend("triton"):
+                return step()
+
+        got = run()
+        error = max(
+            float((g.double() - e).abs().max() / e.abs().max()) for g, e in zip(got, expected, strict=True)
+        )
+        return error, run
+
+    return _time_rows(shapes, paths, repetitions, problem, measure, phase="train")
+
+
 def choose(rows: Sequence[dict], names: Sequence[str]) -> str:
     """The candidate with the lowest geometric mean of time / best time over ``rows``."""
 
@@ -363,7 +419,8 @@ def build_table(
     if tail is None:
         tail = json.loads((CONFIG_DIR / "default.json").read_text())
     linear_rows = [row for row in rows if row["phase"] == "linear"]
-    rows = [row for row in rows if row["phase"] != "linear"]
+    train_rows = [row for row in rows if row["phase"] == "train"]
+    rows = [row for row in rows if row["phase"] not in ("linear", "train")]
     token_buckets = sorted({row["T"] for row in rows})
     largest = token_buckets[-1] if token_buckets else 0
     table: dict = {
@@ -414,8 +471,27 @@ def build_table(
     table["linear"] = (
         _linear_entries(linear_rows, candidates, choices) if linear_rows else tail.get("linear", [])
     )
+    table["train_shrink"] = (
+        _train_entries(train_rows, candidates, choices) if train_rows else tail.get("train_shrink", [])
+    )
     table["_choices"] = choices
     return table
+
+
+def _train_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> list[dict]:
+    """train_shrink's rows: per measured (T bucket, rank bucket) the fastest training step's
+    shrink; nothing above the largest measured T (the ``shrink`` rows serve there)."""
+    entries = []
+    for T in sorted({row["T"] for row in rows}):
+        in_bucket = [row for row in rows if row["T"] == T]
+        rank_buckets = sorted({row["r"] for row in in_bucket})
+        names = [n for n in candidates if all(n in row for row in in_bucket)]
+        for j, r in enumerate(rank_buckets):
+            name = choose([row for row in in_bucket if row["r"] == r], names)
+            choices[f"train T<={T} r<={r}"] = name
+            when = {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {})
+            entries.append({"when": when, "config": candidates[name]})
+    return entries
 
 
 def _linear_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> list[dict]:
@@ -472,13 +548,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--phases",
         nargs="+",
-        choices=["decode", "prefill", "linear"],
-        default=["decode", "prefill", "linear"],
+        choices=["decode", "prefill", "linear", "train"],
+        default=["decode", "prefill", "linear", "train"],
         help="which shapes to time: lora_delta at decode and prefill sizes, fused_lora_linear at "
-        "decode sizes (with the table the other phases wrote, or this GPU's table)",
+        "decode sizes, the training step at prefill sizes (the last two with the table the other "
+        "phases wrote, or this GPU's table)",
     )
     args = parser.parse_args(argv)
-    candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES | LINEAR_CANDIDATES
+    candidates = DECODE_CANDIDATES | PREFILL_CANDIDATES | LINEAR_CANDIDATES | TRAIN_CANDIDATES
     if args.from_rows:
         every = candidates | RETIRED_CANDIDATES | {CUDA_CANDIDATE: None}
         return write_table(read_rows(args.from_rows), every, args.gpu, Path(args.table))
@@ -489,17 +566,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     info = common.machine()
     decode, prefill = sweep_shapes(args.quick)
     linear = [shape for shape in decode if shape["T"] <= LINEAR_MAX_TOKENS]
+    # bench_lora_train's problems: one rank, the tokens' adapters interleaved
+    train = [s | {"phase": "train", "order": "interleaved"} for s in prefill if not s["mixed"]]
     decode_candidates, prefill_candidates = DECODE_CANDIDATES, PREFILL_CANDIDATES
-    linear_candidates = LINEAR_CANDIDATES
+    linear_candidates, train_candidates = LINEAR_CANDIDATES, TRAIN_CANDIDATES
     d = args.d
     if args.quick:
         decode_candidates = dict(list(DECODE_CANDIDATES.items())[:2])
         prefill_candidates = dict(list(PREFILL_CANDIDATES.items())[:2])
         linear_candidates = dict(list(LINEAR_CANDIDATES.items())[:2])
+        train_candidates = dict(list(TRAIN_CANDIDATES.items())[:2])
         d = 512
     if "cuda" in lora_fast.backends.available("cuda", torch.bfloat16):
         decode_candidates = decode_candidates | {CUDA_CANDIDATE: None}
-    every = decode_candidates | prefill_candidates | linear_candidates
+    every = decode_candidates | prefill_candidates | linear_candidates | train_candidates
     known = every | RETIRED_CANDIDATES  # an earlier run's rows (--resume) may hold retired ones
     table_path = (
         Path(args.table) if args.table else CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
@@ -526,6 +606,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows += time_linear_candidates(
                 remaining_shapes(shapes, rows),
                 linear_candidates,
+                d,
+                torch.bfloat16,
+                args.repetitions,
+                Path(workdir),
+                base,
+            )
+            table = write_table(rows, known, info["gpu"], table_path)
+        if "train" in args.phases:
+            base = table or json.loads(configs.table_path(torch.device("cuda")).read_text())
+            base = {k: v for k, v in base.items() if k != "train_shrink"}
+            rows += time_train_candidates(
+                remaining_shapes(train, rows),
+                train_candidates,
                 d,
                 torch.bfloat16,
                 args.repetitions,

@@ -6,6 +6,10 @@ kernel" for its shapes (the fused delta: use shrink + expand there). Besides the
 (``fused``, ``shrink``, ``expand``, ``weight_grad``), ``linear`` holds fused_lora_linear's
 one-kernel GEMM + expand (kernels/lora_linear.py; null or absent: F.linear + lora_delta) and
 ``cuda_delta`` the shapes whose in-place inference deltas go to the CUDA C++ backend (``{}``).
+``train_shrink`` is the shrink whose split-K partials a backward reads (the training forward's,
+kept for dB, and the backward's shrink of dy): the weight-gradient kernel reads every one of their
+SPLIT_K planes, so the forward's best split is not the training step's. Where it has no entry
+for a shape, or a null one, the ``shrink`` entry is used.
 Nothing is autotuned at run time; benchmarks/tune_triton.py writes a GPU's table from
 measurements.
 ``LORA_FAST_TRITON_CONFIG=<file.json>`` replaces the table.
@@ -59,11 +63,17 @@ def _table_path(override: str, device_type: str, index: int | None) -> Path:
     return specific if specific.is_file() else CONFIG_DIR / "default.json"
 
 
+# a kind with no entry for a shape, or a null one, takes the entry of the kind it falls back to
+FALLBACK = {"train_shrink": "shrink"}
+
+
 def lookup(kernel: str, device: torch.device, num_tokens: int, rank: int, d: int) -> dict | None:
     """Launch parameters of ``kernel`` for T tokens, rank r_max and hidden size d (None: the
     table says not to use this kernel there; ValueError: no entry covers the shape)."""
     path = table_path(device)
     found, config = _lookup(path, kernel, num_tokens, rank, d)
+    if (not found or config is None) and kernel in FALLBACK:
+        return lookup(FALLBACK[kernel], device, num_tokens, rank, d)
     if not found:
         raise ValueError(f"{path}: no {kernel} entry matches T={num_tokens}, r={rank}, d={d}")
     return None if config is None else dict(config)

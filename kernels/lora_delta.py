@@ -189,6 +189,7 @@ def lora_delta_(
     configs: dict | None = None,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     accumulate: bool = True,
+    training: bool = False,
 ) -> torch.Tensor | None:
     """Adds the LoRA delta of every token into ``out [T, d_out]`` in place; with
     ``accumulate=False`` writes it there instead (zeros for tokens without a slot), so ``out``
@@ -199,6 +200,8 @@ def lora_delta_(
     or None. ``fused`` None picks by the config table (a ``fused`` row that matches);
     ``configs`` may give ``{"fused": ..., "shrink": ..., "expand": ...}`` launch parameters;
     ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
+    ``training``: the partials returned feed a backward, so the shrink takes the table's
+    ``train_shrink`` entry (kernels/configs.py).
 
     Returns the shrink's split-K partials ``[SPLIT_K, T, r_max]`` float32 (what the backward's
     ``t_partials`` takes; only the entries a slot owns are written), or None when the one-launch
@@ -223,8 +226,9 @@ def lora_delta_(
             out.zero_()
         lora_delta_fused_(x, A, B, token_order, token_slots, scales, ranks, out, fused_config, segments)
         return None
+    kind = "train_shrink" if training else "shrink"
     partials = lora_shrink_partials(
-        x, A, token_order, token_slots, ranks, configs.get("shrink"), segments, zeroed=False
+        x, A, token_order, token_slots, ranks, configs.get("shrink"), segments, zeroed=False, kind=kind
     )
     lora_expand_(
         partials, B, token_order, token_slots, scales, ranks, out, configs.get("expand"), segments, accumulate

@@ -239,6 +239,7 @@ def lora_delta_backward(
             configs.get("shrink"),
             (segment_starts, segment_lengths),
             zeroed=False,
+            kind="train_shrink",
         )
         if needs_x:  # dx = s * A^T u: the expand with A read as [S, d_in, r_max], written
             lora_expand_(
@@ -267,6 +268,7 @@ def lora_delta_backward(
                 configs.get("shrink"),
                 (segment_starts, segment_lengths),
                 zeroed=False,
+                kind="train_shrink",
             )
         strides = (dB.stride(0), dB.stride(2), dB.stride(1))  # dB[slot] written as [r_max, d_out]
         _weight_grad(t, grad_out, dB, strides, scales, *segments, ranks, grad_slots, grad_config)

@@ -124,6 +124,7 @@ def lora_shrink_partials(
     config: dict | None = None,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     zeroed: bool = True,
+    kind: str = "shrink",
 ) -> torch.Tensor:
     """Split-K partial products ``[SPLIT_K, T, r_max]`` (float32) whose sum over dim 0 is t.
 
@@ -132,12 +133,14 @@ def lora_shrink_partials(
     ``x [T, d_in]`` with unit inner stride, ``A [S, r_max, d_in]`` (any strides; the backward
     passes ``B`` transposed), metadata as in lora_fast.AdapterBatch, ``ranks`` int64 or None,
     ``segments`` the batch's (segment_starts, segment_lengths), used by configs with SEGMENTED.
+    ``kind``: the config table's kind looked up when ``config`` is None (``train_shrink`` for
+    partials that a backward reads).
     """
     check_dtype(x, "x")
     num_tokens, d_in = x.shape
     num_slots, r_max, _ = A.shape
     if config is None:
-        config = lookup("shrink", x.device, num_tokens, r_max, d_in)
+        config = lookup(kind, x.device, num_tokens, r_max, d_in)
     config = dict(config)
     split_k = config.pop("SPLIT_K")
     pdl = use_pdl(config, x.device)

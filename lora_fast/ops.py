@@ -166,7 +166,8 @@ def _delta_into(
     shrink again (``t_partials``), or None: the Triton kernels' split-K partials (always, as the
     kernels write them anyway, except the one-launch kernel), the C++ kernels' ``t [T, r_max]``
     when ``keep_t`` (the shrink and the expand then run as two calls, which costs the same at
-    training sizes; without it, one fused call keeps t in registers). ``route``: an in-place
+    training sizes; without it, one fused call keeps t in registers; on Triton it picks the config
+    table's ``train_shrink`` entry, whose partials the backward reads). ``route``: an in-place
     inference call, which the config table may send to the CUDA backend (``_routes_to_cuda``)."""
     backend = select(x.device, x.dtype)
     if route and backend == "triton" and x.is_cuda and _routes_to_cuda(x, A):
@@ -191,6 +192,7 @@ def _delta_into(
             target,
             segments=(segment_starts, segment_lengths),
             accumulate=accumulate,
+            training=keep_t,
         )
     else:
         if not accumulate:

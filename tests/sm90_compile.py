@@ -165,6 +165,13 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                 configs,
                 segments,
             )
+        # the training step's shrink candidates (the tuner's train phase), kept for a backward
+        expand = tune.PREFILL_CANDIDATES["m64_split2_positions"]["expand"]
+        for shrink in tune.TRAIN_CANDIDATES.values():
+            configs = {"fused": None, "shrink": shrink, "expand": expand}
+            order = torch.argsort(slots)
+            scales = torch.rand(num_slots)
+            delta.lora_delta_(x, A, B, order, slots, scales, None, out, False, configs, segments, True, True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Gradients of lora_delta: every backend against the reference, gradcheck, and mixed batches."""
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -209,6 +210,56 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
     expected = reference_grads(c, grad_out, grad_slots)
     for g, e in zip(got, expected, strict=True):
         assert_close(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("training_split", [1, 3])
+def test_triton_training_shrinks_take_the_train_shrink_entry(training_split, monkeypatch, tmp_path):
+    """A table's ``train_shrink`` entry configures the shrinks whose partials a backward reads:
+    the training forward's (kept for dB) and the backward's shrink of dy. An inference call keeps
+    the ``shrink`` entry. With a split different from the forward's, the gradients still match
+    the reference, and a table without the entry falls back to ``shrink``."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    shrink_module = importlib.import_module("lora_fast.kernels.lora_shrink")
+    table = json.loads((kernels.configs.CONFIG_DIR / "interpreter.json").read_text())
+    train_config = table["shrink"][-1]["config"] | {"SPLIT_K": training_split, "SEGMENTED": 0}
+    table["train_shrink"] = [{"config": train_config}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    kinds = []
+    real_lookup = shrink_module.lookup
+
+    def lookup(kind, *args):
+        kinds.append(kind)
+        return real_lookup(kind, *args)
+
+    monkeypatch.setattr(shrink_module, "lookup", lookup)
+    c = random_case(45, 4, 80, 56, 24, dtype=torch.float32)  # 45 tokens: no one-launch kernel
+    grad_out = torch.randn(45, 56, dtype=torch.float64).float()
+    b = c["batch"].to(DEVICE)
+    x, A, B = (c[k].to(DEVICE).requires_grad_() for k in ("x", "A", "B"))
+    with lora_fast.use_backend("triton"):  # the backward too (on the CPU it would be C++ outside)
+        lora_fast.lora_delta(x, A, B, b, c["scales"].to(DEVICE), c["ranks"].to(DEVICE)).backward(
+            grad_out.to(DEVICE)
+        )
+    assert kinds == ["train_shrink", "train_shrink"]  # the backward reused the forward's shrink of x
+    for g, e in zip((x.grad, A.grad, B.grad), reference_grads(c, grad_out), strict=True):
+        assert_close(g, e, torch.float32)
+    x, A, B = (t.detach() for t in (x, A, B))
+    args = (x, A, B, b.token_order, b.token_slots, c["scales"].to(DEVICE), c["ranks"].to(DEVICE))
+    kept = kernels.lora_delta_(*args, torch.empty(45, 56, device=DEVICE), accumulate=False, training=True)
+    assert kept.shape[0] == training_split
+    kinds.clear()
+    with torch.no_grad(), lora_fast.use_backend("triton"):
+        lora_fast.lora_delta(x, A, B, b, c["scales"].to(DEVICE), c["ranks"].to(DEVICE))
+    assert kinds == ["shrink"]
+    del table["train_shrink"]
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path.with_name("plain.json")))
+    path.rename(path.with_name("plain.json"))
+    assert real_lookup("train_shrink", x.device, 45, 24, 80) == table["shrink"][-1]["config"]
 
 
 @pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])

@@ -1,5 +1,6 @@
 """Smoke test of the op benchmark: it runs, agrees with the reference, and writes its files."""
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -314,6 +315,73 @@ def test_tuner_times_fused_linear_candidates_and_builds_linear_rows(monkeypatch,
     assert configs.find("linear", torch.device("cpu"), 4, 16, 48)["BLOCK_N"] == 32
     assert configs.find("linear", torch.device("cpu"), 6, 16, 48) is None  # composed
     assert configs.find("linear", torch.device("cpu"), 300, 16, 48) is None
+
+
+def test_tuner_times_the_training_step_and_builds_train_shrink_rows(monkeypatch, tmp_path):
+    """The tuner's train phase on the CPU (interpreter, stand-in timer): bench_lora_train's step
+    runs on the Triton backend under each candidate's train_shrink row and agrees with the
+    reference; the table's train_shrink rows send each bucket to the faster step, and above the
+    largest timed T the shrink rows serve training too."""
+    from lora_fast.kernels import configs
+
+    from benchmarks import common, tune_triton
+
+    shrink_module = importlib.import_module("lora_fast.kernels.lora_shrink")
+    timed, kinds = [], []
+
+    def fake_median_us(fn, repetitions, graph=True, captured=None):
+        fn()
+        name = Path(os.environ["LORA_FAST_TRITON_CONFIG"]).stem
+        timed.append(name)
+        return {"train_m64_split1": 5.0, "train_m64_split2": 4.0}[name]
+
+    real_lookup = shrink_module.lookup
+
+    def lookup(kind, *args):
+        kinds.append(kind)
+        return real_lookup(kind, *args)
+
+    monkeypatch.setattr(common, "gpu_median_us", fake_median_us)
+    monkeypatch.setattr(shrink_module, "lookup", lookup)
+    names = ("train_m64_split1", "train_m64_split2")
+    candidates = {name: tune_triton.TRAIN_CANDIDATES[name] for name in names}
+    shapes = [
+        {"phase": "train", "T": 24, "L": 3, "r": 8, "order": "interleaved", "mixed": False},
+        {"phase": "train", "T": 50, "L": 2, "r": 8, "order": "interleaved", "mixed": False},
+    ]
+    base = json.loads((configs.CONFIG_DIR / "interpreter.json").read_text())
+    rows = tune_triton.time_train_candidates(
+        shapes, candidates, 40, torch.float32, 2, tmp_path, base, device="cpu"
+    )
+    assert timed == list(names) * 2
+    # each step: the forward's shrink kept for dB and the backward's shrink of dy (twice per
+    # candidate and shape: the agreement check, then the timed call)
+    assert kinds == ["train_shrink"] * 2 * 2 * 2 * 2
+    assert [row["best"] for row in rows] == ["train_m64_split2"] * 2
+    assert all(row["phase"] == "train" for row in rows)
+    rows[1]["train_m64_split1"] = 3.0  # split 1 wins the second bucket
+    delta_rows = [{"phase": "decode", "T": 5, "L": 3, "r": 8, "order": "contiguous", "split16_segments": 1.0}]
+    table = tune_triton.build_table(delta_rows + rows, tune_triton.DECODE_CANDIDATES | candidates, "test GPU")
+    assert table["train_shrink"] == [
+        {"when": {"max_tokens": 24}, "config": candidates["train_m64_split2"]},
+        {"when": {"max_tokens": 50}, "config": candidates["train_m64_split1"]},
+    ]
+    assert table["_choices"]["train T<=50 r<=8"] == "train_m64_split1"
+    assert table["shrink"][0]["config"] == tune_triton.DECODE_CANDIDATES["split16_segments"]["shrink"]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    cpu = torch.device("cpu")
+    assert configs.lookup("train_shrink", cpu, 20, 8, 40)["SPLIT_K"] == 2
+    assert configs.lookup("train_shrink", cpu, 40, 8, 40)["SPLIT_K"] == 1
+    assert configs.lookup("train_shrink", cpu, 300, 8, 40) == configs.lookup("shrink", cpu, 300, 8, 40)
+    # a null row (a table written by hand: decode sizes left to the shrink rows) falls back too
+    table["train_shrink"].insert(0, {"when": {"max_tokens": 10}, "config": None})
+    path = tmp_path / "with_null.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    assert configs.lookup("train_shrink", cpu, 5, 8, 40) == configs.lookup("shrink", cpu, 5, 8, 40)
+    assert configs.lookup("train_shrink", cpu, 20, 8, 40)["SPLIT_K"] == 2
 
 
 def test_tuner_sends_buckets_the_cuda_backend_wins_to_it(tmp_path):
