@@ -202,6 +202,11 @@ std::pair<at::Tensor, bool> b_layout(const at::Tensor& B) {
 template <typename scalar_t>
 using acc_type_for = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
+// The accumulation type's ScalarType, which the scales are also read in: float64 scales keep
+// their precision for float64 inputs (a non-dyadic scale such as rsLoRA's would otherwise be
+// rounded to float32), and any scales are read as float32 for the other dtypes.
+at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 }  // namespace
 
 std::string isa_name() {
@@ -256,7 +261,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
   const bool b_rank_major = b_and_layout.second;
   const auto acc_dtype = B.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor t = row_major(t_in.to(acc_dtype));
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor scales = scales_in.to(acc_scalar_type(B.scalar_type())).contiguous();
   const int64_t T = t.size(0), S = B.size(0), r_max = B.size(2);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
@@ -266,7 +271,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
     Problem<scalar_t, acc_t> p;
     p.B = B.const_data_ptr<scalar_t>();
     p.b_rank_major = b_rank_major;
-    p.scales = scales.const_data_ptr<float>();
+    p.scales = scales.const_data_ptr<acc_t>();
     p.ranks = meta.ranks.data();
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
     p.t_in = t.const_data_ptr<acc_t>();
@@ -297,7 +302,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   const auto b_and_layout = b_layout(B_in);
   const at::Tensor& B = b_and_layout.first;
   const bool b_rank_major = b_and_layout.second;
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor scales = scales_in.to(acc_scalar_type(x_in.scalar_type())).contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
@@ -310,7 +315,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
     p.A = A.const_data_ptr<scalar_t>();
     p.B = B.const_data_ptr<scalar_t>();
     p.b_rank_major = b_rank_major;
-    p.scales = scales.const_data_ptr<float>();
+    p.scales = scales.const_data_ptr<acc_t>();
     p.ranks = meta.ranks.data();
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
     p.out = out.mutable_data_ptr<scalar_t>();
@@ -340,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   const auto b_and_layout = b_layout(B_in);
   const at::Tensor& B = b_and_layout.first;
   const bool b_rank_major = b_and_layout.second;
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor scales = scales_in.to(acc_scalar_type(x_in.scalar_type())).contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1), d_in = A.size(2), d_out = B.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
@@ -393,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     back.A = A.const_data_ptr<scalar_t>();
     back.B = B.const_data_ptr<scalar_t>();
     back.b_rank_major = b_rank_major;
-    back.scales = scales.const_data_ptr<float>();
+    back.scales = scales.const_data_ptr<acc_t>();
     back.ranks = ranks_ptr;
     back.token_order = order;
     back.t = u.mutable_data_ptr<acc_t>();
@@ -408,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     if (!weights) return;
 
     WeightGradProblem<scalar_t, acc_t> g;
-    g.scales = scales.const_data_ptr<float>();
+    g.scales = scales.const_data_ptr<acc_t>();
     g.ranks = ranks_ptr;
     g.token_order = order;
     g.r_max = r_max;
@@ -486,7 +491,7 @@ at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, con
   const at::Tensor A = A_in.contiguous();
   const auto b_and_layout = b_layout(B_in);
   const at::Tensor& B = b_and_layout.first;
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor scales = scales_in.to(acc_scalar_type(x_in.scalar_type())).contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
@@ -500,7 +505,7 @@ at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, con
     p.A = A.const_data_ptr<scalar_t>();
     p.B = B.const_data_ptr<scalar_t>();
     p.b_rank_major = b_and_layout.second;
-    p.scales = scales.const_data_ptr<float>();
+    p.scales = scales.const_data_ptr<scalar_t>();
     p.ranks = meta.ranks.data();
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
     p.out = y.mutable_data_ptr<scalar_t>();

@@ -344,7 +344,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
     const WorkItem& item = items[it];
     const int64_t slot = item.slot;
     const int64_t k = p.ranks[slot];
-    const acc_t scale = static_cast<acc_t>(p.scales ? p.scales[slot] : 1.0f);
+    const acc_t scale = p.scales ? p.scales[slot] : acc_t(1);
     if (slot != loaded_slot) {
       const scalar_t* a_slot = p.A ? p.A + slot * p.r_max * p.d_in : nullptr;
       const scalar_t* b_slot = p.B ? p.B + slot * p.d_out * p.r_max : nullptr;
@@ -523,7 +523,7 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
     }
     // Every entry of the item's columns is written, rank rows past k as zeros, so the
     // gradients need no zero fill beforehand.
-    const acc_t scale = static_cast<acc_t>(p.scales[item.slot]);
+    const acc_t scale = p.scales[item.slot];
     scalar_t* out = p.grad + item.slot * p.grad_slot_stride;
     if (p.transposed_out) {
       scalar_t* block = out + item.column_begin * p.r_max;

@@ -43,7 +43,7 @@ struct Problem {
   // B stored as [S, r_max, d_out] and passed as its transpose: rows of B^T are contiguous, so
   // the kernels read them in place instead of transposing each slot's B on every call.
   bool b_rank_major = false;
-  const float* scales = nullptr;  // [S]
+  const acc_t* scales = nullptr;  // [S], in the accumulation type (float64 for float64 inputs)
   const int64_t* ranks = nullptr;  // [S], each in [0, r_max]
   const int64_t* token_order = nullptr;  // [T], token indices sorted by slot
   acc_t* t = nullptr;  // shrink output [T, r_max]
@@ -79,7 +79,7 @@ struct WeightGradProblem {
   int64_t grad_slot_stride = 0;
   int64_t grad_row_stride = 0;
   bool transposed_out = false;
-  const float* scales = nullptr;
+  const acc_t* scales = nullptr;
   const int64_t* ranks = nullptr;
   const int64_t* token_order = nullptr;
   int64_t r_max = 0;

@@ -138,7 +138,7 @@ __global__ void expand_kernel(const LoraArgs a) {
   TokenWork w;
   if (!locate(a, blockIdx.x, w)) return;
   const acc_t* t = static_cast<const acc_t*>(a.t) + w.token * a.t_row_stride;
-  const acc_t scale = static_cast<acc_t>(a.scales[w.slot]);
+  const acc_t scale = static_cast<const acc_t*>(a.scales)[w.slot];
   for (int64_t j = threadIdx.x; j < w.rank; j += blockDim.x) t_scaled[j] = t[j] * scale;
   __syncthreads();
   const scalar_t* B = static_cast<const scalar_t*>(a.B) + w.slot * a.d_out * a.r_max;
@@ -187,7 +187,7 @@ __global__ void delta_fused_kernel(const LoraArgs a) {
   if (!locate(a, blockIdx.x, w)) return;
   const scalar_t* x = static_cast<const scalar_t*>(a.x) + w.token * a.x_row_stride;
   const scalar_t* A = static_cast<const scalar_t*>(a.A) + w.slot * a.r_max * a.d_in;
-  const acc_t scale = static_cast<acc_t>(a.scales[w.slot]);
+  const acc_t scale = static_cast<const acc_t*>(a.scales)[w.slot];
   if (a.vector_loads) {
     shrink_token_vectors<scalar_t, acc_t>(x, A, a.d_in, w.rank, scale, t_scaled);
   } else {

@@ -26,7 +26,7 @@ struct LoraArgs {
   int64_t b_slot_stride = 0;
   int64_t b_out_stride = 0;
   int64_t b_rank_stride = 0;
-  const float* scales = nullptr;  // [S]
+  const void* scales = nullptr;  // [S] in the accumulator dtype, like t
   const int64_t* ranks = nullptr;  // [S] or null
   const int64_t* token_order = nullptr;  // [T]
   const int64_t* segment_starts = nullptr;  // [S]

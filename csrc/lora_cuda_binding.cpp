@@ -88,14 +88,15 @@ void set_expand_args(LoraArgs& a, int64_t num_tokens, const at::Tensor& B, const
                         (out.size(1) <= 1 || out.stride(1) == 1),
                     "out must be [T, d_out] with unit stride along d_out");
   TORCH_CHECK_TYPE(out.scalar_type() == B.scalar_type(), "out and B must share a dtype");
-  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == B.size(0) && scales.scalar_type() == at::kFloat,
-                    "scales must be a float32 tensor with one entry per slot");
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == B.size(0) &&
+                        scales.scalar_type() == acc_dtype(B.scalar_type()),
+                    "scales must have one entry per slot, in the accumulator dtype");
   a.dtype = dtype_of(B);
   a.B = B.const_data_ptr();
   a.b_slot_stride = B.stride(0);
   a.b_out_stride = B.stride(1);
   a.b_rank_stride = B.stride(2);
-  a.scales = scales.const_data_ptr<float>();
+  a.scales = scales.const_data_ptr();
   a.out = out.mutable_data_ptr();
   a.out_row_stride = out.stride(0);
   a.r_max = B.size(2);
@@ -117,7 +118,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor B = B_in.contiguous();
   const at::Tensor t = row_major(t_in.to(acc_dtype(B.scalar_type())));
-  const at::Tensor scales = scales_in.contiguous();
+  const at::Tensor scales = scales_in.to(acc_dtype(B.scalar_type())).contiguous();
   LoraArgs a = metadata_args(t.size(0), B.size(0), token_order, segment_starts, segment_lengths, ranks);
   expand_into(a, t, B, scales, out);
 }
@@ -134,7 +135,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = row_major(x_in);
   const at::Tensor A = A_in.contiguous();
-  const at::Tensor scales = scales_in.contiguous();
+  const at::Tensor scales = scales_in.to(acc_dtype(x_in.scalar_type())).contiguous();
   LoraArgs a = metadata_args(x.size(0), A.size(0), token_order, segment_starts, segment_lengths, ranks);
   a.dtype = dtype_of(x);
   a.x = x.const_data_ptr();

@@ -48,10 +48,19 @@ def same_device(device: torch.device, named: dict[str, torch.Tensor | None]) -> 
             raise ValueError(f"{name} is on {value.device} but the batch is on {device}; move them together")
 
 
-def scales(value: object, num_slots: int) -> torch.Tensor:
+def scales_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stack keeps its scales in for adapters of ``dtype``: float64 for float64 (a
+    scale such as rsLoRA's alpha / sqrt(r) is not exact in float32), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scales(value: object, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """``scales [num_slots]``: float32, or float64 where the inputs (``dtype``) are float64."""
     value = tensor(value, "scales", 1)
-    if value.dtype != torch.float32:
-        raise TypeError(f"scales must be float32 whatever the dtype of x, got {value.dtype}")
+    if value.dtype != torch.float32 and not (value.dtype == torch.float64 == dtype):
+        raise TypeError(
+            f"scales must be float32 (or float64 with float64 inputs), got {value.dtype} with {dtype} inputs"
+        )
     dim_size(value, "scales", 0, num_slots, "num_slots")
     return value
 

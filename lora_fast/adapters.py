@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _checks as check
 from .batch import NO_ADAPTER
 
 CONFIG_NAME = "adapter_config.json"
@@ -69,7 +70,7 @@ class AdapterStack(nn.Module):
             torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device), requires_grad=False
         )
         self.register_buffer("ranks", torch.zeros(num_slots, dtype=torch.int64, device=device))
-        self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.zeros(num_slots, dtype=check.scales_dtype(dtype), device=device))
 
     @property
     def num_slots(self) -> int:
@@ -359,6 +360,7 @@ class AdapterStacks:
             if dtype is not None:
                 stack.A.data = stack.A.data.to(dtype)
                 stack.B.data = stack.B.data.to(dtype)
+                stack.scales = stack.scales.to(check.scales_dtype(dtype))
         if device is not None:
             self.device = torch.device(device)
         if dtype is not None:

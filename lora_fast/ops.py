@@ -536,14 +536,15 @@ def lora_expand(
     """Adds ``scales[a_i] * B[a_i][:, :k] @ t[i, :k]`` into ``out[i]`` in place and returns ``out``.
 
     ``t [T, r_max]`` (any float dtype; only its first k columns per token are read),
-    ``B [S, d_out, r_max]``, ``scales [S]`` float32, ``out [T, d_out]`` of B's dtype.
+    ``B [S, d_out, r_max]``, ``scales [S]`` float32 (or float64 for float64 B), ``out [T, d_out]``
+    of B's dtype.
     """
     batch = check.batch(batch)
     t = check.float_tensor(t, "t", 2)
     check.dim_size(t, "t", 0, batch.num_tokens, "the batch's token count")
     B = _check_B(B, batch, t.shape[1], "t.shape[1]")
     out = _check_out(out, batch.num_tokens, B.shape[1], B.dtype, "B")
-    scales = check.scales(scales, batch.num_slots)
+    scales = check.scales(scales, batch.num_slots, B.dtype)
     ranks = check.ranks(ranks, batch.num_slots, B.shape[2])
     check.same_device(batch.device, {"t": t, "B": B, "scales": scales, "ranks": ranks, "out": out})
     check.no_overlap(out, "out", {"t": t, "B": B})
@@ -566,7 +567,8 @@ def lora_delta(
     """The multi-adapter LoRA delta ``scales[a_i] * B[a_i][:, :k] @ (A[a_i][:k] @ x_i)`` per token.
 
     ``x [T, d_in]``, ``A [S, r_max, d_in]``, ``B [S, d_out, r_max]`` (one dtype), ``scales [S]``
-    float32, ``ranks [S]`` int (default r_max for every slot). Tokens whose slot is -1 get nothing.
+    float32 (or float64 for float64 x), ``ranks [S]`` int (default r_max for every slot). Tokens
+    whose slot is -1 get nothing.
     With ``out [T, d_out]`` given the delta is added into it in place and ``out`` is returned;
     otherwise a new ``[T, d_out]`` tensor holding the delta is returned.
 
@@ -730,7 +732,7 @@ def _check_delta_args(x, A, B, batch, scales, ranks, out, grad_slots) -> None:
     x, A = _check_x_A(x, A, batch)
     B = _check_B(B, batch, A.shape[1], "A.shape[1]")
     check.same_dtype(B, "B", x.dtype, "x")
-    scales = check.scales(scales, batch.num_slots)
+    scales = check.scales(scales, batch.num_slots, x.dtype)
     ranks = check.ranks(ranks, batch.num_slots, A.shape[1])
     grad_slots = check.grad_slots(grad_slots, batch.num_slots)
     check.same_device(

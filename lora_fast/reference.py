@@ -4,8 +4,8 @@ Each kernel backend is tested against these functions, and they are the `torch` 
 wherever no compiled kernel does. Arguments are not validated here (lora_fast.ops does that).
 
 Notation: T tokens, S slots, ``x [T, d_in]``, ``A [S, r_max, d_in]``, ``B [S, d_out, r_max]``,
-``scales [S]`` float32, ``ranks [S]`` ints (default: every slot has rank r_max). Token i with slot
-``a = batch.token_slots[i]`` and rank ``k = ranks[a]`` gets::
+``scales [S]`` float32 (or float64 for float64 inputs), ``ranks [S]`` ints (default: every slot
+has rank r_max). Token i with slot ``a = batch.token_slots[i]`` and rank ``k = ranks[a]`` gets::
 
     delta_i = scales[a] * B[a][:, :k] @ (A[a][:k] @ x_i)
 

@@ -9,7 +9,7 @@ import torch
 import lora_fast
 from lora_fast import reference
 
-from .helpers import assert_close, random_case
+from .helpers import assert_close, count_fused_kernel_calls, random_case, torch_threads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_BACKENDS = ["torch", "cpu"]
@@ -427,3 +427,44 @@ def test_in_place_training_delta_matches_the_out_of_place_one(backend, view, mon
         results.append((y.detach().reshape(42, 20), x.grad, A.grad, B.grad, base.weight.grad, base.bias.grad))
     for in_place, separate in zip(*results, strict=True):
         assert_close(in_place, separate, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float64_scales_reach_float64_results_unrounded(backend, monkeypatch):
+    """float64 inputs take float64 scales (float32 ones are still accepted): non-dyadic scales
+    (1/3, 2/7, 1/10) reach the delta and every gradient unrounded, equal to an explicit float64
+    computation to 1e-12 (a float32 copy of 1/3 is off by 1e-8), on every backend that runs
+    float64, fused_lora_linear's CPU kernel included."""
+    if backend == "cpu" and lora_fast.backends.cpu_isa() is None:
+        pytest.skip("the C++ extension is not built")
+    device = "cuda" if backend == "cuda" else "cpu"
+    c = random_case(23, 3, 16, 12, 4, device=device)
+    scales = torch.tensor([1 / 3, 2 / 7, 1 / 10], dtype=torch.float64, device=device)
+    x, A, B = (c[k].clone().requires_grad_() for k in ("x", "A", "B"))
+    slots, ranks = c["ids"].tolist(), c["ranks"].tolist()
+    expected = torch.stack(
+        [
+            scales[a] * (B[a, :, : ranks[a]] @ (A[a, : ranks[a]] @ x[i])) if a >= 0 else x.new_zeros(12)
+            for i, a in enumerate(slots)
+        ]
+    )
+    grad_out = torch.randn(23, 12, dtype=torch.float64, device=device)
+    expected_grads = torch.autograd.grad(expected, (x, A, B), grad_out)
+
+    def assert_equal_to_rounding(got, want):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-12
+
+    fused_calls = count_fused_kernel_calls(monkeypatch)
+    with lora_fast.use_backend(backend):
+        delta = lora_fast.lora_delta(x, A, B, c["batch"], scales, c["ranks"])
+        grads = torch.autograd.grad(delta, (x, A, B), grad_out)
+        W = torch.randn(12, 16, dtype=torch.float64, device=device)
+        with torch.no_grad(), torch_threads(1):  # one thread: the CPU's one-kernel linear
+            linear = lora_fast.fused_lora_linear(x, W, None, A, B, c["batch"], scales, c["ranks"])
+    assert_equal_to_rounding(delta.detach(), expected.detach())
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert_equal_to_rounding(got, want)
+    assert_equal_to_rounding(linear, x.detach() @ W.T + expected.detach())
+    assert fused_calls == ([23] if backend == "cpu" else [])
+    with pytest.raises(TypeError, match="float64 with float64 inputs"):
+        lora_fast.lora_delta(x.float(), A.float(), B.float(), c["batch"], scales, c["ranks"])

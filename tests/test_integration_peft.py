@@ -453,3 +453,45 @@ def test_hf_trainer_trains_several_adapters_in_mixed_batches(tmp_path):
         if "lora_" in n and not torch.equal(p, before[n])
     }
     assert moved == {"a0", "a1", "a2"}
+
+
+def test_float64_models_keep_float64_scales_and_match_peft_to_rounding():
+    """A float64 model's scales stay float64: rsLoRA's 8 / sqrt(8) (adapter a1) is not exact in
+    float32, and a float32 copy of it put the gradients 4e-7 away from PEFT's. The mixed batch's
+    logits and gradients, and the active-adapter training step's gradients, equal PEFT's to 1e-12
+    (the loss is computed here in float64: transformers' own causal-LM loss runs in float32)."""
+    torch.manual_seed(7)
+    ids = torch.randint(1, 97, (5, 8))
+    names = ["a0", "a1", "__base__", "a3", "a1"]
+
+    def run(model, adapter_names, lift_peft_check=False):
+        model.train()
+        if lift_peft_check:  # as in _mixed_training_grads: PEFT's own mixed forward in training
+            model.base_model.training = False
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        kwargs = {} if adapter_names is None else {"adapter_names": adapter_names}
+        out = model(input_ids=ids, **kwargs).logits
+        assert out.dtype == torch.float64
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    def assert_equal_to_rounding(got, expected, what):
+        error = float((got - expected).abs().max() / expected.abs().max())
+        assert error < 1e-12, f"{what}: relative error {error:.2e}"
+
+    for adapter_names, active in ((names, None), (None, "a1")):
+        reference = peft_model(torch.float64)
+        model = peft_model(torch.float64)
+        if active is not None:
+            reference.set_adapter(active)
+            model.set_adapter(active)
+        expected_logits, expected = run(reference, adapter_names, lift_peft_check=adapter_names is not None)
+        lora_fast.accelerate(model)
+        got_logits, got = run(model, adapter_names)
+        assert_equal_to_rounding(got_logits, expected_logits, f"logits ({active or 'mixed'})")
+        assert expected.keys() == got.keys() and any("lora_A.a1" in n for n in got)
+        for name in expected:
+            assert_equal_to_rounding(got[name], expected[name], name)

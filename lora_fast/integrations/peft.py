@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks as check
 from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
 from ..layers import plain_linear
@@ -364,7 +365,7 @@ class _LayerState:
             num_slots = len(slot_of)
             A = first.new_zeros(num_slots, self.r_max, layer.in_features)
             B_rank_major = first.new_zeros(num_slots, self.r_max, layer.out_features)
-            scales = torch.zeros(num_slots, dtype=torch.float32, device=first.device)
+            scales = torch.zeros(num_slots, dtype=check.scales_dtype(first.dtype), device=first.device)
             ranks = torch.zeros(num_slots, dtype=torch.int64, device=first.device)
             # (version, data pointer) of each slot's A and B when last checked
             self._version_table = torch.full((2 * num_slots, 2), -1, dtype=torch.int64)
@@ -469,23 +470,24 @@ class _LayerState:
                 A_slots.append(filler[0])
                 B_slots.append(filler[1])
                 values.append((0.0, 0, False))
-        device = A_slots[0].device
-        key = (tuple(values), device)
+        device, dtype = A_slots[0].device, A_slots[0].dtype
+        key = (tuple(values), device, dtype)
         if key != self._slot_values_key:
             scales, ranks, grad = zip(*values, strict=True)
             self._slot_values = (
-                torch.tensor(scales, dtype=torch.float32).to(device),
+                torch.tensor(scales, dtype=check.scales_dtype(dtype)).to(device),
                 torch.tensor(ranks, dtype=torch.int64).to(device),
                 torch.tensor(grad, dtype=torch.bool).to(device),
             )
             self._slot_values_key = key
         return (torch.stack(A_slots), torch.stack(B_slots), *self._slot_values)
 
-    def one_scale(self, scale: float, device: torch.device) -> torch.Tensor:
-        """``[scale]`` float32 on ``device``, made again only when the scale changes."""
-        key = (scale, device)
+    def one_scale(self, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``[scale]`` on ``device`` for adapters of ``dtype`` (float32, float64 for float64),
+        made again only when the scale changes."""
+        key = (scale, device, dtype)
         if key != self._one_scale_key:
-            self._one_scale = torch.tensor([scale], dtype=torch.float32).to(device)
+            self._one_scale = torch.tensor([scale], dtype=check.scales_dtype(dtype)).to(device)
             self._one_scale_key = key
         return self._one_scale
 
@@ -606,7 +608,7 @@ def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, args, kwargs,
         # training: PEFT's parameters themselves as a one-slot stack (views), so gradients reach them
         result = layer.base_layer(x, *args, **kwargs)
         batch = model_state.one_slot_batch(rows.shape[0], rows.device)
-        scales = layer_state.one_scale(float(layer.scaling[name]), rows.device)
+        scales = layer_state.one_scale(float(layer.scaling[name]), rows.device, weight_A.dtype)
         return _add_delta(result, lora_input, weight_A[None], weight_B[None], batch, scales, None, None)
     slot_of = model_state.slot_of()
     batch = model_state.batch([name], rows.shape[0], rows.device)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import _checks as check
 from ..adapters import AdapterStacks
 from ..batch import AdapterBatch
 from ..layers import current_batch, remove_adapters
@@ -399,7 +400,7 @@ class EigenLoRALinear(nn.Module):
         K_A, K_B = basis_A.shape[0], basis_B.shape[0]
         self.loadings_A = nn.Parameter(torch.zeros(num_slots, rank, K_A, dtype=dtype, device=device), False)
         self.loadings_B = nn.Parameter(torch.zeros(num_slots, K_B, rank, dtype=dtype, device=device), False)
-        self.register_buffer("scales", torch.zeros(num_slots, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.zeros(num_slots, dtype=check.scales_dtype(dtype), device=device))
         self.register_buffer("grad_slots", torch.zeros(num_slots, dtype=torch.bool, device=device))
         self.trained_A = nn.ParameterDict()
         self.trained_B = nn.ParameterDict()
