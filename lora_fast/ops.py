@@ -674,7 +674,8 @@ def fused_lora_linear(
 
 # With LORA_FAST_OVERLAP_SHRINK=1, while a CUDA graph is captured, fused_lora_linear runs the
 # shrink on a side stream beside the base GEMM (both only read x), and the expand after both.
-# Opt-in until a GPU has measured it (bench_peft times the graph both ways). Eager calls never
+# Opt-in: on the H100 (bench_peft, which times the graph both ways) it took 5% off a 16-adapter
+# decode step, nothing at 64 adapters, and cost 1-2% at prefill. Eager calls never
 # fork: the stream switch would cost host time that an eager decode step (host-bound already)
 # pays in full.
 OVERLAP_ENV = "LORA_FAST_OVERLAP_SHRINK"
