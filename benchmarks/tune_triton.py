@@ -181,24 +181,6 @@ LINEAR_CANDIDATES = {
         "num_stages": 4,
     },
 }
-# The shrink whose partials a training step's backward reads (the table's train_shrink kind:
-# the training forward's shrink of x, kept for dB, and the backward's shrink of dy). The weight
-# gradients read every split-K plane of both, so the forward's best split is not the training
-# step's: on the H100 the forward's BLOCK_M 32 / split-K 8 row at T <= 4096 made the T = 4096
-# training step 12-18% slower than the split-K 2 row before it (gpu_2026-11-26_h100_run5.md).
-# Timed on bench_lora_train's step (forward and backward, graph-replayed) at the prefill sizes.
-TRAIN_CANDIDATES = {
-    "train_m64_split1": _PREFILL_SHRINK | {"SEGMENTED": 0},
-    "train_m64_split2": _PREFILL_SHRINK | {"SPLIT_K": 2, "SEGMENTED": 0},
-    "train_m32_split2": _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 2, "SEGMENTED": 0},
-    "train_m32_split8": _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8, "SEGMENTED": 0},
-}
-# the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
-# decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which
-# sends lora_delta's in-place inference calls there (the Triton rows stay for everything else)
-CUDA_CANDIDATE = "cuda_fused"
-CUDA_MAX_TOKENS = 64
-LINEAR_MAX_TOKENS = 256  # the decode shapes; prefill stays on cuBLAS + lora_delta
 WEIGHT_GRAD = {
     "BLOCK_M": 64,
     "BLOCK_D": 128,
@@ -207,6 +189,39 @@ WEIGHT_GRAD = {
     "num_warps": 4,
     "num_stages": 3,
 }
+
+# The shrink whose partials a training step's backward reads (the table's train_shrink kind:
+# the training forward's shrink of x, kept for dB, and the backward's shrink of dy). The weight
+# gradients read every split-K plane of both, so the forward's best split is not the training
+# step's: on the H100 the forward's BLOCK_M 32 / split-K 8 row at T <= 4096 made the T = 4096
+# training step 12-18% slower than the split-K 2 row before it (gpu_2026-11-26_h100_run5.md).
+# The weight-gradient kernel is timed with it: each of its programs (one block of BLOCK_D
+# columns) reloads the slot's coefficients, every split-K plane of them, so at d = 4096 with
+# 128-wide blocks and split-K 8 it reads twice as many coefficient bytes (from L2) as rows of x
+# or dy; 256-wide blocks halve that. On the H100 the weight gradients and the sum of their
+# split-M planes took half of the T = 4096 step's GPU time (gpu_logs/h100_run5_profile.log).
+# Timed on bench_lora_train's step (forward and backward, graph-replayed) at the prefill sizes.
+_WEIGHT_GRAD_D256 = WEIGHT_GRAD | {"BLOCK_D": 256, "num_warps": 8}
+
+
+def _train_candidate(shrink: dict, weight_grad: dict = WEIGHT_GRAD) -> dict:
+    return {"train_shrink": shrink | {"SEGMENTED": 0}, "weight_grad": weight_grad}
+
+
+TRAIN_CANDIDATES = {
+    "train_m64_split1": _train_candidate(_PREFILL_SHRINK),
+    "train_m64_split2": _train_candidate(_PREFILL_SHRINK | {"SPLIT_K": 2}),
+    "train_m32_split2": _train_candidate(_PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 2}),
+    "train_m32_split8": _train_candidate(_PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8}),
+    "train_m64_split1_d256": _train_candidate(_PREFILL_SHRINK, _WEIGHT_GRAD_D256),
+    "train_m64_split2_d256": _train_candidate(_PREFILL_SHRINK | {"SPLIT_K": 2}, _WEIGHT_GRAD_D256),
+}
+# the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
+# decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which
+# sends lora_delta's in-place inference calls there (the Triton rows stay for everything else)
+CUDA_CANDIDATE = "cuda_fused"
+CUDA_MAX_TOKENS = 64
+LINEAR_MAX_TOKENS = 256  # the decode shapes; prefill stays on cuBLAS + lora_delta
 
 
 def candidate_table(candidate: dict) -> dict:
@@ -358,11 +373,12 @@ def time_train_candidates(
 ) -> list[dict]:
     """One row per shape (phase "train"): the median microseconds of bench_lora_train's step
     (lora_delta forward and backward, the tokens' adapters interleaved) on the Triton backend,
-    with ``base_table`` and each candidate as its ``train_shrink`` row."""
+    with ``base_table`` and each candidate's ``train_shrink`` and ``weight_grad`` as those rows."""
     paths = {}
     for name, candidate in candidates.items():
         paths[name] = workdir / f"{name}.json"
-        paths[name].write_text(json.dumps(base_table | {"train_shrink": [{"config": candidate}]}))
+        rows_of = {kind: [{"config": config}] for kind, config in candidate.items()}
+        paths[name].write_text(json.dumps(base_table | rows_of))
 
     def problem(shape: dict) -> tuple[dict, tuple]:
         p = bench_lora_train.make_problem(shape["T"], shape["L"], d, shape["r"], dtype, device)
@@ -471,18 +487,25 @@ def build_table(
     table["linear"] = (
         _linear_entries(linear_rows, candidates, choices) if linear_rows else tail.get("linear", [])
     )
-    table["train_shrink"] = (
-        _train_entries(train_rows, candidates, choices) if train_rows else tail.get("train_shrink", [])
-    )
+    if train_rows:
+        table["train_shrink"], weight_grad = _train_entries(train_rows, candidates, choices)
+        table["weight_grad"] = weight_grad + table["weight_grad"][-1:]  # the catch-all above them
+    else:
+        table["train_shrink"] = tail.get("train_shrink", [])
     table["_choices"] = choices
     return table
 
 
-def _train_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> list[dict]:
-    """train_shrink's rows: per measured (T bucket, rank bucket) the fastest training step's
-    shrink; nothing above the largest measured T (the ``shrink`` rows serve there)."""
-    entries = []
-    for T in sorted({row["T"] for row in rows}):
+def _train_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> tuple[list, list]:
+    """(train_shrink rows, weight_grad rows): per measured (T bucket, rank bucket) those of the
+    fastest training step; none above the largest measured T (there the ``shrink`` rows and the
+    weight_grad table's last row serve). Training batches of decode sizes, below the smallest
+    measured T, keep the shrink rows tuned for them (a null train_shrink row)."""
+    entries, weight_grad = [], []
+    token_buckets = sorted({row["T"] for row in rows})
+    if token_buckets and token_buckets[0] > LINEAR_MAX_TOKENS:
+        entries.append({"when": {"max_tokens": LINEAR_MAX_TOKENS}, "config": None})
+    for T in token_buckets:
         in_bucket = [row for row in rows if row["T"] == T]
         rank_buckets = sorted({row["r"] for row in in_bucket})
         names = [n for n in candidates if all(n in row for row in in_bucket)]
@@ -490,8 +513,9 @@ def _train_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> lis
             name = choose([row for row in in_bucket if row["r"] == r], names)
             choices[f"train T<={T} r<={r}"] = name
             when = {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {})
-            entries.append({"when": when, "config": candidates[name]})
-    return entries
+            entries.append({"when": when, "config": candidates[name]["train_shrink"]})
+            weight_grad.append({"when": when, "config": candidates[name]["weight_grad"]})
+    return entries, weight_grad
 
 
 def _linear_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> list[dict]:

@@ -165,13 +165,20 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                 configs,
                 segments,
             )
-        # the training step's shrink candidates (the tuner's train phase), kept for a backward
+        # the training step's candidates (the tuner's train phase): the shrink kept for a
+        # backward, and the backward with that shrink and the candidate's weight gradients
         expand = tune.PREFILL_CANDIDATES["m64_split2_positions"]["expand"]
-        for shrink in tune.TRAIN_CANDIDATES.values():
-            configs = {"fused": None, "shrink": shrink, "expand": expand}
-            order = torch.argsort(slots)
-            scales = torch.rand(num_slots)
+        order = torch.argsort(slots)
+        scales = torch.rand(num_slots)
+        grad_out = torch.randn(num_tokens, d_out).to(torch.bfloat16)
+        for candidate in tune.TRAIN_CANDIDATES.values():
+            configs = {"fused": None, "shrink": candidate["train_shrink"], "expand": expand}
             delta.lora_delta_(x, A, B, order, slots, scales, None, out, False, configs, segments, True, True)
+            configs = {"shrink": candidate["train_shrink"], "expand": expand}
+            configs["weight_grad"] = candidate["weight_grad"]
+            backward.lora_delta_backward(
+                grad_out, x, A, B, order, slots, *segments, scales, None, None, configs=configs
+            )
 
 
 if __name__ == "__main__":

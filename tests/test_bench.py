@@ -363,9 +363,20 @@ def test_tuner_times_the_training_step_and_builds_train_shrink_rows(monkeypatch,
     delta_rows = [{"phase": "decode", "T": 5, "L": 3, "r": 8, "order": "contiguous", "split16_segments": 1.0}]
     table = tune_triton.build_table(delta_rows + rows, tune_triton.DECODE_CANDIDATES | candidates, "test GPU")
     assert table["train_shrink"] == [
-        {"when": {"max_tokens": 24}, "config": candidates["train_m64_split2"]},
-        {"when": {"max_tokens": 50}, "config": candidates["train_m64_split1"]},
+        {"when": {"max_tokens": 24}, "config": candidates["train_m64_split2"]["train_shrink"]},
+        {"when": {"max_tokens": 50}, "config": candidates["train_m64_split1"]["train_shrink"]},
     ]
+    assert table["weight_grad"][:2] == [
+        {"when": {"max_tokens": 24}, "config": candidates["train_m64_split2"]["weight_grad"]},
+        {"when": {"max_tokens": 50}, "config": candidates["train_m64_split1"]["weight_grad"]},
+    ]
+    assert "when" not in table["weight_grad"][-1]  # every larger T still has a weight_grad row
+    # prefill-sized training rows only: decode-sized training keeps the shrink rows (null row)
+    prefill_rows = [row | {"T": row["T"] + 1000} for row in rows]
+    assert tune_triton.build_table(prefill_rows, candidates, "test GPU")["train_shrink"][0] == {
+        "when": {"max_tokens": tune_triton.LINEAR_MAX_TOKENS},
+        "config": None,
+    }
     assert table["_choices"]["train T<=50 r<=8"] == "train_m64_split1"
     assert table["shrink"][0]["config"] == tune_triton.DECODE_CANDIDATES["split16_segments"]["shrink"]
     path = tmp_path / "table.json"
