@@ -215,6 +215,10 @@ TRAIN_CANDIDATES = {
     "train_m32_split8": _train_candidate(_PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8}),
     "train_m64_split1_d256": _train_candidate(_PREFILL_SHRINK, _WEIGHT_GRAD_D256),
     "train_m64_split2_d256": _train_candidate(_PREFILL_SHRINK | {"SPLIT_K": 2}, _WEIGHT_GRAD_D256),
+    # the forward's shrink, its 8 planes summed once before the weight gradients read them
+    "train_m32_split8_sum": _train_candidate(
+        _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8}, WEIGHT_GRAD | {"SUM_COEF": 1}
+    ),
 }
 # the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
 # decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which

@@ -18,7 +18,8 @@ A config holds the kernel's block sizes (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_N``, 
 ``SPLIT_K`` / ``SPLIT_M``, ``MAX_BLOCK_R`` (rank columns per pass), Triton's ``num_warps`` and
 ``num_stages``, and for the token-blocked kernels ``SEGMENTED`` (the grid: 0 positions,
 1 segments, 2 compact segments; see ``_common.Grid``) and ``PDL`` (1: programmatic dependent
-launch of the expand after the shrink, on Hopper; see ``_common.use_pdl``).
+launch of the expand after the shrink, on Hopper; see ``_common.use_pdl``). A ``weight_grad``
+config may set ``SUM_COEF`` (1: sum the shrinks' split-K planes once before the kernel reads them).
 """
 
 from __future__ import annotations

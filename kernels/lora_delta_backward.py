@@ -126,9 +126,15 @@ def _weight_grad(
     Each slot's segment is split SPLIT_M ways (config; 0 picks enough splits to give the GPU's
     multiprocessors two programs each): the splits write float32 partial planes, summed in a
     fixed order afterwards, so a batch of one or few slots still fills the GPU without atomics.
+    With ``SUM_COEF`` set (config), split-K planes of ``coef`` are summed into one first: every
+    program (one per block of columns) reads the coefficients of its tokens, so with many column
+    blocks one summing pass can cost less than reading every plane in each of them.
     """
     config = dict(config)
     coef = coef if coef.dim() == 3 else coef.unsqueeze(0)
+    if config.pop("SUM_COEF", 0) and coef.shape[0] > 1:
+        # (entries no slot owns may hold anything; the kernel never reads them)
+        coef = coef.sum(0, keepdim=True)
     num_slots = segment_starts.shape[0]
     num_tokens = rows.shape[0]
     width, r_max = rows.shape[1], coef.shape[2]

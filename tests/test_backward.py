@@ -170,11 +170,13 @@ def test_grad_slots_is_validated():
         lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], grad_slots=torch.tensor([True]))
 
 
+@pytest.mark.parametrize("sum_coef", [0, 1], ids=["planes_read", "planes_summed"])
 @pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])
 @pytest.mark.parametrize("segmented", [0, 1, 2], ids=["positions", "segments", "compact"])
-def test_triton_backward_kernels_with_split_segments(split_m, segmented):
+def test_triton_backward_kernels_with_split_segments(split_m, segmented, sum_coef):
     """The weight gradients with each slot's segment split over programs (float32 partial planes,
-    summed afterwards) and the shrink/expand of the backward in either grid mode."""
+    summed afterwards), reading the shrinks' two split-K planes or their sum (SUM_COEF), and the
+    shrink/expand of the backward in either grid mode."""
     kernels = pytest.importorskip("lora_fast.kernels")
     c = random_case(150, 4, 40, 36, 24, dtype=torch.float32, device=DEVICE, none_fraction=0.2)
     b = c["batch"]
@@ -189,6 +191,7 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented):
             "BLOCK_D": 32,
             "MAX_BLOCK_R": 16,
             "SPLIT_M": split_m,
+            "SUM_COEF": sum_coef,
             "num_warps": 4,
             "num_stages": 1,
         },
