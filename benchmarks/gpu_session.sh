@@ -10,7 +10,14 @@
 #       # rows lack (carry gpu_rows), then the op sweep with the whole table
 #
 # On 2026-11-26 an H100 call of `tune` took 479 s of command time and about 25 s to start; the
-# tuner was cut at 150 s after 24 of its 36 shapes, and `resume` finished them in 49 s.
+# tuner was cut at 150 s after 24 of its 36 shapes, and `resume` finished them in 49 s. In the
+# next session `tune` ran whole in 555 s (the tuner 229 s, bench_peft cut short).
+#
+#   BUDGET_S=280 bash benchmarks/gpu_session.sh tune-train   # issue 4 alone: the tuner's train
+#       # phase on top of the card's committed rows, then the training sweep and host profile
+#   BUDGET_S=215 CHECK_TESTS="tests/..." bash benchmarks/gpu_session.sh check-peft
+#       # a short second call: rebuild, the C++-error probe, the named tests, bench_peft at 16 and
+#       # 64 adapters with shorter timing
 #
 # or, where more device time is lent, the same work in three calls of up to 10 minutes each:
 #
@@ -39,7 +46,7 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:+--quick}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-phase=${1:?usage: gpu_session.sh all|tune|resume|check-peft|prepare|ops|train-peft}
+phase=${1:?usage: gpu_session.sh all|tune|resume|tune-train|check-peft|prepare|ops|train-peft}
 
 DEADLINE=$(($(date +%s) + ${BUDGET_S:-570}))  # the phase ends (packed) inside the device call
 
@@ -120,14 +127,16 @@ all)
     ;;
 tune)
     # the Triton config table measured on this card (benchmarks/tune_triton.py), then the sweeps
-    # with it, a host profile: limits 120 + 20 + 120 + 120 + 300 + 110 + 40 + 40 + 130, cut to the
+    # with it, a host profile: limits 120 + 20 + 120 + 120 + 300 + 40 + 110 + 40 + 130, cut to the
     # deadline (on the H100 on 2026-11-26: build 60 s, C++-error probe 34 s, GPU tests 61 s, the
     # tuner 229 s before its train phase was added: bench_peft is cut short)
     GPU_TESTS_FILTER="not compiled_training_step" build_and_test 120 120
     step tune 300 $PY -m benchmarks.tune_triton $QUICK --out-dir "$WORK"
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
-    step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
+    # the training sweep first: the tuner's train phase changes its table rows, while the op
+    # sweep's rows were measured with this table's forward rows already (run 5)
     step train 40 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"
+    step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
     step profile 40 $PY -m benchmarks.profile_host --device "$DEVICE" $QUICK
     step peft 130 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
@@ -146,6 +155,22 @@ resume)
     step tune 130 $PY -m benchmarks.tune_triton --resume "${RESUME_ROWS:?}" --out-dir "$WORK"
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
     step ops 110 $PY -m benchmarks.bench_lora_ops --device "$DEVICE" $QUICK --dtype bfloat16 --out-dir "$WORK"
+    ;;
+tune-train)
+    # issue 4 in one short call: the tuner's train phase alone, resumed from this card's
+    # committed rows (the table it writes keeps their forward rows and gains train_shrink /
+    # weight_grad rows), then the training sweep and the host profile with that table
+    step build 120 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
+    slug=$($PY -c "import torch; from benchmarks import common; print(common.slug(torch.cuda.get_device_name()))")
+    rows=benchmarks/results/tune_triton_$slug.json
+    if [[ -f $rows ]]; then
+        step tune 200 $PY -m benchmarks.tune_triton --phases train --resume "$rows" --out-dir "$WORK"
+    else
+        step tune 200 $PY -m benchmarks.tune_triton --phases train --out-dir "$WORK"
+    fi
+    cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
+    step train 60 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"
+    step profile 40 $PY -m benchmarks.profile_host --device "$DEVICE" $QUICK
     ;;
 check-peft)
     # a short second call: the rebuilt extension's C++ errors (cpp-errors, then the tests named in
@@ -174,7 +199,7 @@ train-peft)
     step peft 280 $PY -m benchmarks.bench_peft --device "$DEVICE" $QUICK --out-dir "$WORK"
     ;;
 *)
-    echo "unknown phase $phase: all | tune | resume | check-peft | prepare | ops | train-peft" >&2
+    echo "unknown phase $phase: all | tune | resume | tune-train | check-peft | prepare | ops | train-peft" >&2
     exit 2
     ;;
 esac

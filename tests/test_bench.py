@@ -542,9 +542,10 @@ def test_host_launch_times_every_case_without_a_gpu():
     "phase, steps",
     [
         ("all", ["build", "backends", "cpp-errors", "gpu-tests", "linear", "ops", "train", "peft"]),
-        ("tune", ["build", "backends", "cpp-errors", "gpu-tests", "tune", "ops", "train", "profile", "peft"]),
+        ("tune", ["build", "backends", "cpp-errors", "gpu-tests", "tune", "train", "ops", "profile", "peft"]),
         ("resume", ["build", "check", "tune", "ops"]),
         ("check-peft", ["build", "cpp-errors", "check", "peft"]),
+        ("tune-train", ["build", "tune", "train", "profile"]),
     ],
 )
 def test_gpu_session_script_runs_its_steps_in_order(phase, steps, tmp_path):
