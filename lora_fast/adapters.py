@@ -72,6 +72,15 @@ class AdapterStack(nn.Module):
         self.register_buffer("ranks", torch.zeros(num_slots, dtype=torch.int64, device=device))
         self.register_buffer("scales", torch.zeros(num_slots, dtype=check.scales_dtype(dtype), device=device))
 
+    def _apply(self, fn, recurse=True):
+        # module.half() / .double() / .to(dtype) convert every floating buffer; the scales stay
+        # in the dtype the ops take for the new weights (float32, float64 for float64 weights)
+        super()._apply(fn, recurse)
+        wanted = check.scales_dtype(self.A.dtype)
+        if self.scales.dtype != wanted:
+            self.scales = self.scales.to(wanted)
+        return self
+
     @property
     def num_slots(self) -> int:
         return self.A.shape[0]

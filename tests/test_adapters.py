@@ -29,6 +29,32 @@ def test_stack_slots_set_clear_and_mixed_ranks():
     assert stack.ranks.tolist() == [2, 0, 0] and (stack.A[2] == 0).all()
 
 
+def test_stack_dtype_conversions_keep_scales_in_the_ops_dtype():
+    """module.half() / .double() / .to(dtype) convert every floating buffer; a stack's scales stay
+    float32 (float64 with float64 weights), so the checked ops take the stack's tensors, and a
+    float64 stack keeps a non-dyadic scale exactly."""
+    stack = AdapterStack(num_slots=2, d_in=6, d_out=5, max_rank=4)
+    A, B = torch.randn(4, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    batch = lora_fast.AdapterBatch(torch.tensor([0, 1, 0, -1]), 2)
+    for convert, dtype, scales_dtype in (
+        (lambda m: m.half(), torch.float16, torch.float32),
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16, torch.float32),
+        (lambda m: m.double(), torch.float64, torch.float64),
+        (lambda m: m.float(), torch.float32, torch.float32),
+    ):
+        convert(stack)
+        assert stack.A.dtype == dtype and stack.scales.dtype == scales_dtype
+        stack.set_slot(0, A, B, 1 / 3)
+        x = torch.randn(4, 6, dtype=torch.float64).to(dtype)
+        with lora_fast.use_backend("torch"):
+            delta = lora_fast.lora_delta(x, stack.A, stack.B, batch, stack.scales, stack.ranks)
+        expected = (x[0].double() @ A.to(dtype).double().T) @ B.to(dtype).double().T / 3
+        if dtype == torch.float64:
+            torch.testing.assert_close(delta[0], expected, rtol=1e-13, atol=0)
+        else:
+            assert_close(delta[0], expected, dtype)
+
+
 @pytest.mark.parametrize(
     "slot, A, B, match",
     [

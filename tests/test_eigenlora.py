@@ -213,3 +213,29 @@ def test_scratch_init_matches_lora_statistics():
     A, B = layer.lora_weights(0)
     assert B.eq(0).all()
     assert A.square().sum(1).mean().item() == pytest.approx(1 / 3, rel=0.2)  # PEFT: kaiming-uniform rows
+
+
+def test_dtype_conversions_keep_scales_in_the_ops_dtype():
+    """layer.half() / .double() convert every floating buffer; the scales stay float32 (float64 for
+    float64 loadings), so a converted layer's forward runs its checked subspace op."""
+    basis = eigenlora.fit_basis(family(num_adapters=8, K=16, noise=0.1), k=16)
+    layer = eigenlora.EigenLoRALinear(
+        nn.Linear(24, 20), basis["q"][0].components, basis["q"][1].components, 2, 4
+    )
+    batch = lora_fast.AdapterBatch(torch.tensor([0, 1, -1]), 2)
+    for convert, dtype, scales_dtype in (
+        (nn.Module.half, torch.float16, torch.float32),
+        (nn.Module.double, torch.float64, torch.float64),
+    ):
+        convert(layer)
+        assert layer.loadings_A.dtype == dtype and layer.scales.dtype == scales_dtype
+        with torch.no_grad():
+            lora_fast.ops.subspace_lora_delta(
+                torch.randn(3, 24).to(dtype),
+                layer.basis_A,
+                layer.loadings_A,
+                layer.loadings_B,
+                layer.basis_B,
+                batch,
+                layer.scales,
+            )

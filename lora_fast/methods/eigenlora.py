@@ -405,6 +405,14 @@ class EigenLoRALinear(nn.Module):
         self.trained_A = nn.ParameterDict()
         self.trained_B = nn.ParameterDict()
 
+    def _apply(self, fn, recurse=True):
+        # as AdapterStack: dtype conversions leave the scales in the dtype the ops take
+        super()._apply(fn, recurse)
+        wanted = check.scales_dtype(self.loadings_A.dtype)
+        if self.scales.dtype != wanted:
+            self.scales = self.scales.to(wanted)
+        return self
+
     @property
     def num_slots(self) -> int:
         return self.loadings_A.shape[0]
