@@ -142,6 +142,8 @@ inline void shrink_rows(const acc_t* const* x_rows, const acc_t* a, int64_t k, i
     for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = V{};
     int64_t c = 0;
     for (; c + 2 * W <= d; c += 2 * W) {
+      __builtin_prefetch(row + c + kStreamPrefetchBytes / sizeof(acc_t), 0, 3);
+      __builtin_prefetch(row + c + W + kStreamPrefetchBytes / sizeof(acc_t), 0, 3);
       const V a0 = S::load(row + c), a1 = S::load(row + c + W);
       for (int i = 0; i < M; ++i) {
         acc[i][0] += S::load(x_rows[i] + c) * a0;
@@ -168,6 +170,8 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
     for (int i = 0; i < M; ++i) tv[i] = V{} + t[i * ldt + j];
     int64_t n = 0;
     for (; n + 2 * W <= d_out; n += 2 * W) {
+      __builtin_prefetch(row + n + kStreamPrefetchBytes / sizeof(acc_t), 0, 3);
+      __builtin_prefetch(row + n + W + kStreamPrefetchBytes / sizeof(acc_t), 0, 3);
       const V b0 = S::load(row + n), b1 = S::load(row + n + W);
       for (int i = 0; i < M; ++i) {
         S::store(y_rows[i] + n, S::load(y_rows[i] + n) + tv[i] * b0);
