@@ -500,25 +500,31 @@ def build_table(
     return table
 
 
+def _bucket_winners(rows: Sequence[dict], candidates: dict, choices: dict, label: str):
+    """``(when, name)`` per measured (T bucket, rank bucket), ascending: the candidate ``choose``
+    picks there (recorded in ``choices`` as "<label> T<=.. r<=.."); the last rank bucket of a T
+    bucket has no rank bound."""
+    for T in sorted({row["T"] for row in rows}):
+        in_bucket = [row for row in rows if row["T"] == T]
+        rank_buckets = sorted({row["r"] for row in in_bucket})
+        names = [n for n in candidates if all(n in row for row in in_bucket)]
+        for j, r in enumerate(rank_buckets):
+            name = choose([row for row in in_bucket if row["r"] == r], names)
+            choices[f"{label} T<={T} r<={r}"] = name
+            yield {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {}), name
+
+
 def _train_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> tuple[list, list]:
     """(train_shrink rows, weight_grad rows): per measured (T bucket, rank bucket) those of the
     fastest training step; none above the largest measured T (there the ``shrink`` rows and the
     weight_grad table's last row serve). Training batches of decode sizes, below the smallest
     measured T, keep the shrink rows tuned for them (a null train_shrink row)."""
     entries, weight_grad = [], []
-    token_buckets = sorted({row["T"] for row in rows})
-    if token_buckets and token_buckets[0] > LINEAR_MAX_TOKENS:
+    if rows and min(row["T"] for row in rows) > LINEAR_MAX_TOKENS:
         entries.append({"when": {"max_tokens": LINEAR_MAX_TOKENS}, "config": None})
-    for T in token_buckets:
-        in_bucket = [row for row in rows if row["T"] == T]
-        rank_buckets = sorted({row["r"] for row in in_bucket})
-        names = [n for n in candidates if all(n in row for row in in_bucket)]
-        for j, r in enumerate(rank_buckets):
-            name = choose([row for row in in_bucket if row["r"] == r], names)
-            choices[f"train T<={T} r<={r}"] = name
-            when = {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {})
-            entries.append({"when": when, "config": candidates[name]["train_shrink"]})
-            weight_grad.append({"when": when, "config": candidates[name]["weight_grad"]})
+    for when, name in _bucket_winners(rows, candidates, choices, "train"):
+        entries.append({"when": when, "config": candidates[name]["train_shrink"]})
+        weight_grad.append({"when": when, "config": candidates[name]["weight_grad"]})
     return entries, weight_grad
 
 
@@ -526,17 +532,10 @@ def _linear_entries(rows: Sequence[dict], candidates: dict, choices: dict) -> li
     """fused_lora_linear's rows: per measured (T bucket, rank bucket) the best of F.linear +
     lora_delta ("composed": ``"config": null``) and the one-kernel candidates; above the largest
     measured T, composed."""
-    entries = []
-    token_buckets = sorted({row["T"] for row in rows})
-    for T in token_buckets:
-        in_bucket = [row for row in rows if row["T"] == T]
-        rank_buckets = sorted({row["r"] for row in in_bucket})
-        names = [n for n in candidates if all(n in row for row in in_bucket)]
-        for j, r in enumerate(rank_buckets):
-            name = choose([row for row in in_bucket if row["r"] == r], names)
-            choices[f"linear T<={T} r<={r}"] = name
-            when = {"max_tokens": T} | ({"max_rank": r} if j < len(rank_buckets) - 1 else {})
-            entries.append({"when": when, "config": candidates[name]})
+    entries = [
+        {"when": when, "config": candidates[name]}
+        for when, name in _bucket_winners(rows, candidates, choices, "linear")
+    ]
     return entries + [{"config": None}]
 
 
@@ -593,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     info = common.machine()
     decode, prefill = sweep_shapes(args.quick)
-    linear = [shape for shape in decode if shape["T"] <= LINEAR_MAX_TOKENS]
+    linear_shapes = [shape | {"phase": "linear"} for shape in decode if shape["T"] <= LINEAR_MAX_TOKENS]
     # bench_lora_train's problems: one rank, the tokens' adapters interleaved
     train = [s | {"phase": "train", "order": "interleaved"} for s in prefill if not s["mixed"]]
     decode_candidates, prefill_candidates = DECODE_CANDIDATES, PREFILL_CANDIDATES
@@ -626,34 +625,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     shapes, phase_candidates, d, torch.bfloat16, args.repetitions, Path(workdir)
                 )
                 table = write_table(rows, known, info["gpu"], table_path)
-        if "linear" in args.phases:
-            # with the delta's rows of the table just written, else of this GPU's table
-            base = table or json.loads(configs.table_path(torch.device("cuda")).read_text())
-            base = {k: v for k, v in base.items() if k != "linear"}
-            shapes = [{**shape, "phase": "linear"} for shape in linear]
-            rows += time_linear_candidates(
-                remaining_shapes(shapes, rows),
-                linear_candidates,
-                d,
-                torch.bfloat16,
-                args.repetitions,
-                Path(workdir),
-                base,
-            )
-            table = write_table(rows, known, info["gpu"], table_path)
-        if "train" in args.phases:
-            base = table or json.loads(configs.table_path(torch.device("cuda")).read_text())
-            base = {k: v for k, v in base.items() if k != "train_shrink"}
-            rows += time_train_candidates(
-                remaining_shapes(train, rows),
-                train_candidates,
-                d,
-                torch.bfloat16,
-                args.repetitions,
-                Path(workdir),
-                base,
-            )
-            table = write_table(rows, known, info["gpu"], table_path)
+        # whole calls timed with the delta's rows of the table just written, else of this GPU's
+        # table, each candidate in place of the kind its phase tunes
+        for phase, timer, shapes, phase_candidates, tuned in (
+            ("linear", time_linear_candidates, linear_shapes, linear_candidates, "linear"),
+            ("train", time_train_candidates, train, train_candidates, "train_shrink"),
+        ):
+            if phase in args.phases:
+                base = table or json.loads(configs.table_path(torch.device("cuda")).read_text())
+                base = {k: v for k, v in base.items() if k != tuned}
+                rows += timer(
+                    remaining_shapes(shapes, rows),
+                    phase_candidates,
+                    d,
+                    torch.bfloat16,
+                    args.repetitions,
+                    Path(workdir),
+                    base,
+                )
+                table = write_table(rows, known, info["gpu"], table_path)
     columns = ["phase", "T", "L", "r", "order", *every, "best"]
     markdown = common.markdown_table(rows, columns)
     stem = f"tune_triton_{common.slug(info['gpu'])}" + ("_quick" if args.quick else "")

@@ -226,7 +226,7 @@ at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& A_in, const at:
   const at::Tensor x = row_major(x_in);
   const at::Tensor A = A_in.contiguous();
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_scalar_type(x.scalar_type());
   at::Tensor t = at::zeros({T, r_max}, x.options().dtype(acc_dtype));
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
   if (meta.items.empty()) return t;
@@ -259,9 +259,9 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
   const auto b_and_layout = b_layout(B_in);
   const at::Tensor& B = b_and_layout.first;
   const bool b_rank_major = b_and_layout.second;
-  const auto acc_dtype = B.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_scalar_type(B.scalar_type());
   const at::Tensor t = row_major(t_in.to(acc_dtype));
-  const at::Tensor scales = scales_in.to(acc_scalar_type(B.scalar_type())).contiguous();
+  const at::Tensor scales = scales_in.to(acc_dtype).contiguous();
   const int64_t T = t.size(0), S = B.size(0), r_max = B.size(2);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
   for (const WorkItem& item : meta.items)
     if (trains[item.slot]) grad_items.push_back(item);
 
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_scalar_type(x.scalar_type());
   at::Tensor dx = needs_x ? at::zeros_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   // The weight-gradient items write every entry of their slots (rank rows past a slot's rank
   // as zeros); only the slots they skip are zero-filled here.
