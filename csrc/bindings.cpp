@@ -20,10 +20,10 @@ TORCH_LIBRARY(lora_fast_C, m) {
       "Tensor segment_lengths, Tensor? ranks) -> Tensor");
   m.def(
       "lora_expand_(Tensor t, Tensor B, Tensor token_order, Tensor segment_starts, "
-      "Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor(a!) out) -> ()");
+      "Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor(a!) out, bool accumulate=True) -> ()");
   m.def(
       "lora_delta_(Tensor x, Tensor A, Tensor B, Tensor token_order, Tensor segment_starts, "
-      "Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor(a!) out) -> ()");
+      "Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor(a!) out, bool accumulate=True) -> ()");
   m.def(
       "lora_delta_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor token_order, "
       "Tensor segment_starts, Tensor segment_lengths, Tensor scales, Tensor? ranks, Tensor? grad_slots, "

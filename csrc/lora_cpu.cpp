@@ -190,6 +190,21 @@ void check_2d_rows(const at::Tensor& t, const char* name) {
 
 at::Tensor row_major(const at::Tensor& t) { return t.dim() == 2 && t.stride(1) == 1 ? t : t.contiguous(); }
 
+// Before an overwriting expand (Problem::overwrite): zeroes the rows of `out` that no work item
+// writes, those of tokens without an adapter or in a rank-0 slot.
+void zero_uncovered_rows(at::Tensor& out, const Metadata& meta) {
+  const int64_t T = out.size(0);
+  std::vector<char> covered(T, 0);
+  const int64_t* order = meta.token_order.const_data_ptr<int64_t>();
+  for (const WorkItem& item : meta.items)
+    for (int64_t i = item.begin; i < item.begin + item.count; ++i) covered[order[i]] = 1;
+  char* data = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t row_bytes = out.size(1) * static_cast<int64_t>(out.element_size());
+  const int64_t stride_bytes = out.stride(0) * static_cast<int64_t>(out.element_size());
+  for (int64_t token = 0; token < T; ++token)
+    if (!covered[token]) std::memset(data + token * stride_bytes, 0, row_bytes);
+}
+
 // B [S, d_out, r_max] as the kernels read it: the transpose of a contiguous [S, r_max, d_out]
 // tensor is used as it is (rank-major), anything else is made contiguous.
 std::pair<at::Tensor, bool> b_layout(const at::Tensor& B) {
@@ -249,7 +264,8 @@ at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& A_in, const at:
 
 void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tensor& token_order,
                   const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
-                  const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+                  const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, at::Tensor& out,
+                  bool accumulate) {
   TORCH_CHECK_VALUE(B_in.dim() == 3 && t_in.dim() == 2 && t_in.size(1) == B_in.size(2),
                     "lora_expand expects t [T, r_max] and B [S, d_out, r_max]");
   check_2d_rows(out, "out");
@@ -265,6 +281,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
   const int64_t T = t.size(0), S = B.size(0), r_max = B.size(2);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  if (!accumulate) zero_uncovered_rows(out, meta);
   if (meta.items.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, B.scalar_type(), "lora_expand_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
@@ -278,6 +295,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
     p.t_row_stride = t.stride(0);
     p.out = out.mutable_data_ptr<scalar_t>();
     p.out_row_stride = out.stride(0);
+    p.overwrite = !accumulate;
     p.r_max = r_max;
     p.d_out = B.size(1);
     run_parallel<scalar_t, acc_t, Mode::kExpand>(p, meta.items);
@@ -287,7 +305,7 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
 void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                  const at::Tensor& token_order, const at::Tensor& segment_starts,
                  const at::Tensor& segment_lengths, const at::Tensor& scales_in,
-                 const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+                 const std::optional<at::Tensor>& ranks, at::Tensor& out, bool accumulate) {
   TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
                         B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
                     "lora_delta expects x [T, d_in], A [S, r_max, d_in], B [S, d_out, r_max]");
@@ -306,6 +324,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
   const int64_t T = x.size(0), S = A.size(0), r_max = A.size(1);
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.size(0) == S, "scales must have one entry per slot (", S, ")");
   Metadata meta = prepare(T, S, r_max, token_order, segment_starts, segment_lengths, ranks);
+  if (!accumulate) zero_uncovered_rows(out, meta);
   if (meta.items.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_delta_cpu", [&] {
     using acc_t = acc_type_for<scalar_t>;
@@ -320,6 +339,7 @@ void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tenso
     p.token_order = meta.token_order.const_data_ptr<int64_t>();
     p.out = out.mutable_data_ptr<scalar_t>();
     p.out_row_stride = out.stride(0);
+    p.overwrite = !accumulate;
     p.r_max = r_max;
     p.d_in = x.size(1);
     p.d_out = B.size(1);
@@ -360,11 +380,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     if (trains[item.slot]) grad_items.push_back(item);
 
   const auto acc_dtype = acc_scalar_type(x.scalar_type());
-  at::Tensor dx = needs_x ? at::zeros_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  // dx is written by the expand (overwrite): only rows no item covers are zeroed
+  at::Tensor dx = needs_x ? at::empty_like(x_in, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   // The weight-gradient items write every entry of their slots (rank rows past a slot's rank
   // as zeros); only the slots they skip are zero-filled here.
   at::Tensor dA = needs_A ? at::empty_like(A) : at::empty({0}, x.options());
   at::Tensor dB = needs_B ? at::empty({S, d_out, r_max}, x.options()) : at::empty({0}, x.options());
+  if (needs_x) zero_uncovered_rows(dx, meta);
   const bool weights = (needs_A || needs_B) && !grad_items.empty();
   const int64_t slot_bytes_A = r_max * d_in * static_cast<int64_t>(x.element_size());
   const int64_t slot_bytes_B = r_max * d_out * static_cast<int64_t>(x.element_size());
@@ -405,6 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
     back.t_row_stride = u.stride(0);
     back.out = needs_x ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     back.out_row_stride = needs_x ? dx.stride(0) : 0;
+    back.overwrite = true;
     back.r_max = r_max;
     back.d_in = d_in;
     back.d_out = d_out;

@@ -426,10 +426,11 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
         for (int i = 0; i < m; ++i) {
           if constexpr (convert) {
             y_rows[i] = y_buf.data() + i * out_width;
-            if (j0 == 0) std::fill(y_rows[i], y_rows[i] + out_width, acc_t(0));
           } else {
             y_rows[i] = p.out + tokens[i] * p.out_row_stride;
           }
+          // zeroed here, the rows are in cache for the expand that follows
+          if (j0 == 0 && (convert || p.overwrite)) std::fill(y_rows[i], y_rows[i] + out_width, acc_t(0));
         }
         const acc_t* bt_piece = bt + j0 * out_width;
         expand<acc_t>(stream, m, t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows);
@@ -440,7 +441,10 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
           for (int i = 0; i < m; ++i) {
             scalar_t* row = p.out + tokens[i] * p.out_row_stride;
             const acc_t* y = y_buf.data() + i * out_width;
-            for (int64_t n = 0; n < out_width; ++n) row[n] = static_cast<scalar_t>(static_cast<acc_t>(row[n]) + y[n]);
+            if (p.overwrite)
+              for (int64_t n = 0; n < out_width; ++n) row[n] = static_cast<scalar_t>(y[n]);
+            else
+              for (int64_t n = 0; n < out_width; ++n) row[n] = static_cast<scalar_t>(static_cast<acc_t>(row[n]) + y[n]);
           }
         }
       }

@@ -59,6 +59,9 @@ struct Problem {
   int64_t t_row_stride = 0;
   scalar_t* out = nullptr;  // [T, d_out], rows out_row_stride apart
   int64_t out_row_stride = 0;
+  // The expand writes the rows of the items' tokens instead of adding into them (the caller
+  // zeroes the rows no item covers): an out-of-place delta or dx needs no zero-filled buffer.
+  bool overwrite = false;
   int64_t r_max = 0;
   int64_t d_in = 0;
   int64_t d_out = 0;

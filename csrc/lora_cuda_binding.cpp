@@ -112,10 +112,12 @@ void expand_into(LoraArgs a, const at::Tensor& t, const at::Tensor& B, const at:
 
 void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tensor& token_order,
                   const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
-                  const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+                  const at::Tensor& scales_in, const std::optional<at::Tensor>& ranks, at::Tensor& out,
+                  bool accumulate) {
   TORCH_CHECK_VALUE(B_in.dim() == 3 && t_in.dim() == 2 && t_in.size(1) == B_in.size(2),
                     "lora_expand expects t [T, r_max] and B [S, d_out, r_max]");
   const c10::cuda::CUDAGuard guard(out.device());
+  if (!accumulate) out.zero_();  // (the Triton backend's expand writes instead; this one adds)
   const at::Tensor B = B_in.contiguous();
   const at::Tensor t = row_major(t_in.to(acc_dtype(B.scalar_type())));
   const at::Tensor scales = scales_in.to(acc_dtype(B.scalar_type())).contiguous();
@@ -126,13 +128,14 @@ void lora_expand_(const at::Tensor& t_in, const at::Tensor& B_in, const at::Tens
 void lora_delta_(const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& B_in,
                  const at::Tensor& token_order, const at::Tensor& segment_starts,
                  const at::Tensor& segment_lengths, const at::Tensor& scales_in,
-                 const std::optional<at::Tensor>& ranks, at::Tensor& out) {
+                 const std::optional<at::Tensor>& ranks, at::Tensor& out, bool accumulate) {
   TORCH_CHECK_VALUE(x_in.dim() == 2 && A_in.dim() == 3 && B_in.dim() == 3 && A_in.size(2) == x_in.size(1) &&
                         B_in.size(2) == A_in.size(1) && B_in.size(0) == A_in.size(0),
                     "lora_delta expects x [T, d_in], A [S, r_max, d_in], B [S, d_out, r_max]");
   TORCH_CHECK_TYPE(x_in.scalar_type() == A_in.scalar_type() && x_in.scalar_type() == B_in.scalar_type(),
                    "x, A and B must share a dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
+  if (!accumulate) out.zero_();
   const at::Tensor x = row_major(x_in);
   const at::Tensor A = A_in.contiguous();
   const at::Tensor scales = scales_in.to(acc_dtype(x_in.scalar_type())).contiguous();

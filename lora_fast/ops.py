@@ -194,15 +194,13 @@ def _delta_into(
             accumulate=accumulate,
             training=keep_t,
         )
-    else:
-        if not accumulate:
-            target.zero_()
+    else:  # (with accumulate=False the compiled kernels write out: no zero-filled buffer)
         segments = (token_order, segment_starts, segment_lengths)
         if keep_t and backend == "cpu":  # (the CUDA C++ forward's backward runs on Triton)
             partials = _compiled().lora_shrink(x, A, *segments, _int64(ranks))
-            _compiled().lora_expand_(partials, B, *segments, scales, _int64(ranks), target)
+            _compiled().lora_expand_(partials, B, *segments, scales, _int64(ranks), target, accumulate)
         else:
-            _compiled().lora_delta_(x, A, B, *segments, scales, _int64(ranks), target)
+            _compiled().lora_delta_(x, A, B, *segments, scales, _int64(ranks), target, accumulate)
     if target is not out:
         out.copy_(target)
     return partials

@@ -239,3 +239,54 @@ def test_streamed_and_tiled_slots_in_one_batch(isa, dtype, rank_major):
         lora_fast.lora_delta(c["x"], c["A"], B, c["batch"], c["scales"], c["ranks"], out=out)
     delta = expected_delta(c)
     assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
+def test_written_delta_and_expand_overwrite_a_poisoned_out(isa, dtype, rank_major):
+    # accumulate=False (an out-of-place delta): the kernels write every row instead of adding,
+    # zeros for -1 tokens and rank-0 slots, so out may hold anything before; the counts cover the
+    # streamed and the tiled slots, a rank above the 64-column pass and an empty slot.
+    counts = [1, 2, 3, 4, 5, 0, 1, 37]
+    ids = torch.cat([torch.full((n,), slot) for slot, n in enumerate(counts)] + [torch.full((4,), -1)])
+    ids = ids[torch.randperm(len(ids))]
+    c = random_case(len(ids), len(counts), 97, 161, 80, dtype=dtype, ids=ids)
+    c["ranks"][3] = 0  # a slot with tokens and no rank: its rows are zeroed too
+    B = c["B"].transpose(1, 2).contiguous().transpose(1, 2) if rank_major else c["B"]
+    b = c["batch"]
+    segments = (b.token_order, b.segment_starts, b.segment_lengths)
+    delta = expected_delta(c)
+    zero_rows = (c["ids"] < 0) | (c["ids"] == 3)
+    ops = torch.ops.lora_fast_C
+    out = torch.full((len(ids), 161), float("nan"), dtype=dtype)
+    ops.lora_delta_(c["x"], c["A"], B, *segments, c["scales"], c["ranks"], out, False)
+    assert_close(out, delta, dtype)
+    assert (out[zero_rows] == 0).all()
+    t = ops.lora_shrink(c["x"], c["A"], *segments, c["ranks"])
+    out = torch.full((len(ids), 161), float("nan"), dtype=dtype)
+    ops.lora_expand_(t, B, *segments, c["scales"], c["ranks"], out, False)
+    assert_close(out, delta, dtype)
+    assert (out[zero_rows] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_dx_is_written_whole_over_reused_memory(isa, dtype):
+    # dx is allocated uninitialised and written by the expand (zeros for -1 tokens and rank-0
+    # slots). Freeing a NaN tensor of dx's size just before makes the allocator hand its memory
+    # back, so a row the backward failed to write would show as NaN.
+    c = random_case(67, 5, 48, 36, 8, dtype=dtype, none_fraction=0.3)
+    c["ranks"][1] = 0
+    b = c["batch"]
+    segments = (b.token_order, b.segment_starts, b.segment_lengths)
+    grad_out = torch.randn(67, 36, dtype=torch.float64).to(dtype)
+    want = reference.lora_delta_backward(
+        grad_out.double(), c["x"].double(), c["A"].double(), c["B"].double(), b, c["scales"], c["ranks"]
+    )[0]
+    for _ in range(3):
+        poison = torch.full_like(c["x"], float("nan"))
+        del poison
+        dx = torch.ops.lora_fast_C.lora_delta_backward(
+            grad_out, c["x"], c["A"], c["B"], *segments, c["scales"], c["ranks"], None, True, False, False
+        )[0]
+        assert_close(dx, want, dtype)
+        assert (dx[(c["ids"] < 0) | (c["ids"] == 1)] == 0).all()
