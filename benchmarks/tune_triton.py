@@ -219,6 +219,17 @@ TRAIN_CANDIDATES = {
     "train_m32_split8_sum": _train_candidate(
         _PREFILL_SHRINK | {"BLOCK_M": 32, "SPLIT_K": 8}, WEIGHT_GRAD | {"SUM_COEF": 1}
     ),
+    # More rows in flight per weight-gradient program. In run 5's profile each weight gradient
+    # took 30 us at T = 4096, L = 4, d = 4096, about 37% of HBM bandwidth for its 33.5 MB of
+    # rows: its programs walk about 6 tiles each, so the 3-stage pipeline is mostly filling and
+    # draining. Twice the tokens per tile, or whole segments per program (no split-M planes to
+    # write and sum: one launch fewer per gradient) with a deeper pipeline.
+    "train_m64_split2_wg_m128": _train_candidate(
+        _PREFILL_SHRINK | {"SPLIT_K": 2}, WEIGHT_GRAD | {"BLOCK_M": 128}
+    ),
+    "train_m64_split2_wg_whole": _train_candidate(
+        _PREFILL_SHRINK | {"SPLIT_K": 2}, WEIGHT_GRAD | {"SPLIT_M": 1, "num_stages": 4}
+    ),
 }
 # the CUDA C++ backend's one-launch delta (csrc/lora_cuda.cu, up to kFusedMaxTokens tokens): a
 # decode candidate where that backend is built; a bucket it wins gets a cuda_delta row, which
