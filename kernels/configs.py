@@ -19,7 +19,9 @@ A config holds the kernel's block sizes (``BLOCK_M``, ``BLOCK_K``, ``BLOCK_N``, 
 ``num_stages``, and for the token-blocked kernels ``SEGMENTED`` (the grid: 0 positions,
 1 segments, 2 compact segments; see ``_common.Grid``) and ``PDL`` (1: programmatic dependent
 launch of the expand after the shrink, on Hopper; see ``_common.use_pdl``). A ``weight_grad``
-config may set ``SUM_COEF`` (1: sum the shrinks' split-K planes once before the kernel reads them).
+config may set ``SUM_COEF`` (1: sum the shrinks' split-K planes once before the kernel reads them)
+and ``FUSE_DY`` (1: one pass over dy computes both u = B^T dy and dB, where
+``lora_delta_backward.dy_pass_pays`` at the call's rank).
 """
 
 from __future__ import annotations

@@ -107,9 +107,11 @@ def drive(num_slots: int = 4, d_in: int = 256, d_out: int = 384) -> None:
                                 )
             grad_out = torch.randn(num_tokens, d_out).to(dtype)
             for grad_slots in (None, torch.ones(num_slots, dtype=torch.bool)):
-                for split_m in (1, 4):
+                # (FUSE_DY: the dy pass in place of the shrink of dy and dB's weight gradient)
+                for split_m, fuse_dy in ((1, 0), (4, 0), (4, 1)):
                     configs = {"weight_grad": dict(lookup("weight_grad", x.device, num_tokens, r_max, d_in))}
                     configs["weight_grad"]["SPLIT_M"] = split_m
+                    configs["weight_grad"]["FUSE_DY"] = fuse_dy
                     # the weight gradients read split-K planes of t and u (SPLIT_COEF > 1) at
                     # the decode shapes' SPLIT_K, a single plane at the prefill ones
                     backward.lora_delta_backward(

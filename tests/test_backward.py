@@ -215,6 +215,95 @@ def test_triton_backward_kernels_with_split_segments(split_m, segmented, sum_coe
         assert_close(g, e, torch.float32)
 
 
+def test_dy_pass_pays_while_its_planes_cost_at_most_half_of_the_dy_read_it_saves():
+    backward = importlib.import_module("lora_fast.kernels.lora_delta_backward")
+    assert backward.dy_pass_pays(16, 128, 2) and not backward.dy_pass_pays(17, 128, 2)
+    assert backward.dy_pass_pays(32, 256, 2) and backward.dy_pass_pays(32, 128, 4)
+    assert not backward.dy_pass_pays(64, 256, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["column_planes", "rank_passes"])
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (False, True, True), (True, False, True)], ids=["x_A_B", "A_B", "x_B"]
+)
+@pytest.mark.parametrize("kept_t", [False, True], ids=["t_computed", "t_kept"])
+def test_triton_fused_dy_pass(dtype, case, needs, kept_t, monkeypatch):
+    """FUSE_DY: one kernel reads dy for both u = B^T dy (one plane per block of dy's columns,
+    summed) and dB, in place of the shrink of dy and dB's weight gradient: the gradients match
+    the reference with frozen slots, -1 tokens, mixed ranks (a slot of rank 0 included), and
+    the forward's split-K shrink planes of x given or computed; and the shrink of dy no longer
+    runs. ``column_planes``: rank 8, five (fp32) or three (bf16) column blocks, split segments;
+    ``rank_passes``: rank 24 in two passes of 16 (with the rank rule lifted), whole segments."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    backward = importlib.import_module("lora_fast.kernels.lora_delta_backward")
+    r_max, d_out = (8, 150) if case == "column_planes" else (24, 36)
+    c = random_case(150, 4, 40, d_out, r_max, dtype=dtype, device=DEVICE, none_fraction=0.2)
+    c["ranks"][3] = 0
+    b = c["batch"]
+    grad_slots = torch.tensor([True, False, True, True], device=DEVICE)
+    grad_out = torch.randn(150, d_out, dtype=torch.float64).to(dtype).to(DEVICE)
+    small = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1, "MAX_BLOCK_R": 16, "SEGMENTED": 0}
+    block_d = 32 if dtype == torch.float32 else 64  # the narrowest that pays at rank 8
+    configs = {
+        "shrink": dict(small, BLOCK_K=16, SPLIT_K=2),
+        "expand": dict(small, BLOCK_N=32),
+        "weight_grad": {
+            "BLOCK_M": 16,
+            "BLOCK_D": block_d,
+            "MAX_BLOCK_R": 16,
+            "SPLIT_M": 3 if case == "column_planes" else 1,
+            "FUSE_DY": 1,
+            "num_warps": 4,
+            "num_stages": 1,
+        },
+    }
+    if case == "rank_passes":
+        monkeypatch.setattr(backward, "dy_pass_pays", lambda *args: True)
+    segments = (b.segment_starts, b.segment_lengths)
+    t = None
+    if kept_t:
+        t = kernels.lora_shrink_partials(
+            c["x"],
+            c["A"],
+            b.token_order,
+            b.token_slots,
+            c["ranks"],
+            configs["shrink"],
+            segments,
+            zeroed=False,
+        )
+    shrunk = []
+    real_shrink = backward.lora_shrink_partials
+    monkeypatch.setattr(
+        backward,
+        "lora_shrink_partials",
+        lambda rows, *args, **kw: shrunk.append(rows) or real_shrink(rows, *args, **kw),
+    )
+    got = kernels.lora_delta_backward(
+        grad_out,
+        c["x"],
+        c["A"],
+        c["B"],
+        b.token_order,
+        b.token_slots,
+        *segments,
+        c["scales"],
+        c["ranks"],
+        grad_slots,
+        needs=needs,
+        configs=configs,
+        t_partials=t,
+    )
+    assert not any(rows is grad_out for rows in shrunk), "the shrink of dy ran beside the dy pass"
+    assert len(shrunk) == (0 if kept_t else 1)  # the shrink of x, for dB, when not kept
+    expected = reference_grads(c, grad_out, grad_slots)
+    for wanted, g, e in zip(needs, got, expected, strict=True):
+        assert (g is None) != wanted
+        if wanted:
+            assert_close(g, e, dtype)
+
+
 @pytest.mark.parametrize("training_split", [1, 3])
 def test_triton_training_shrinks_take_the_train_shrink_entry(training_split, monkeypatch, tmp_path):
     """A table's ``train_shrink`` entry configures the shrinks whose partials a backward reads:

@@ -29,6 +29,7 @@ def test_every_triton_kernel_compiles_for_sm90():
         "_lora_expand_kernel",
         "_lora_delta_fused_kernel",
         "_lora_weight_grad_kernel",
+        "_lora_dy_pass_kernel",
         "_subspace_project_kernel",
         "_lora_linear_kernel",
     }
