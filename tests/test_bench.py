@@ -545,7 +545,7 @@ def test_host_launch_times_every_case_without_a_gpu():
         ("tune", ["build", "backends", "cpp-errors", "gpu-tests", "tune", "train", "ops", "profile", "peft"]),
         ("resume", ["build", "check", "tune", "ops"]),
         ("check-peft", ["build", "cpp-errors", "check", "peft"]),
-        ("tune-train", ["build", "tune", "train", "profile"]),
+        ("tune-train", ["build", "backward-tests", "tune", "train", "profile"]),
     ],
 )
 def test_gpu_session_script_runs_its_steps_in_order(phase, steps, tmp_path):
