@@ -80,10 +80,11 @@ inline void shrink_tokens(const acc_t* const* x_rows, const acc_t* a, int64_t k,
   }
 }
 
-// y_rows[i][n] += sum_j t[i * ldt + j] * bt[j * d_out + n] for i < M, n < d_out.
+// y_rows[i][n] += sum_j t[i * ldt + j] * bt[j * d_out + n] for i < M, n < d_out (with `write`,
+// y_rows[i][n] = that sum: y is not read).
 template <typename acc_t, int M>
 inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
-                          acc_t* const* y_rows) {
+                          acc_t* const* y_rows, bool write) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
   constexpr int W = S::lanes;
@@ -104,7 +105,7 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
     for (int i = 0; i < M; ++i)
       for (int v = 0; v < NV; ++v) {
         acc_t* y = y_rows[i] + n + v * W;
-        S::store(y, S::load(y) + acc[i][v]);
+        S::store(y, write ? acc[i][v] : S::load(y) + acc[i][v]);
       }
   }
   for (; n + W <= d_out; n += W) {
@@ -114,13 +115,13 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
       const V b = S::load(bt + j * d_out + n);
       for (int i = 0; i < M; ++i) acc[i] += (V{} + t[i * ldt + j]) * b;
     }
-    for (int i = 0; i < M; ++i) S::store(y_rows[i] + n, S::load(y_rows[i] + n) + acc[i]);
+    for (int i = 0; i < M; ++i) S::store(y_rows[i] + n, write ? acc[i] : S::load(y_rows[i] + n) + acc[i]);
   }
   for (; n < d_out; ++n) {
     for (int i = 0; i < M; ++i) {
       acc_t s = 0;
       for (int64_t j = 0; j < k; ++j) s += t[i * ldt + j] * bt[j * d_out + n];
-      y_rows[i][n] += s;
+      y_rows[i][n] = write ? s : y_rows[i][n] + s;
     }
   }
 }
@@ -158,14 +159,16 @@ inline void shrink_rows(const acc_t* const* x_rows, const acc_t* a, int64_t k, i
   }
 }
 
+// (with `write`, the first rank row's products are stored and y is not read)
 template <typename acc_t, int M>
 inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
-                        acc_t* const* y_rows) {
+                        acc_t* const* y_rows, bool write) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
   constexpr int W = S::lanes;
   for (int64_t j = 0; j < k; ++j) {
     const acc_t* row = bt + j * d_out;
+    const bool fresh = write && j == 0;
     V tv[M];
     for (int i = 0; i < M; ++i) tv[i] = V{} + t[i * ldt + j];
     int64_t n = 0;
@@ -174,12 +177,13 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
       __builtin_prefetch(row + n + W + kStreamPrefetchBytes / sizeof(acc_t), 0, 3);
       const V b0 = S::load(row + n), b1 = S::load(row + n + W);
       for (int i = 0; i < M; ++i) {
-        S::store(y_rows[i] + n, S::load(y_rows[i] + n) + tv[i] * b0);
-        S::store(y_rows[i] + n + W, S::load(y_rows[i] + n + W) + tv[i] * b1);
+        const V y0 = fresh ? V{} : S::load(y_rows[i] + n), y1 = fresh ? V{} : S::load(y_rows[i] + n + W);
+        S::store(y_rows[i] + n, y0 + tv[i] * b0);
+        S::store(y_rows[i] + n + W, y1 + tv[i] * b1);
       }
     }
     for (; n < d_out; ++n)
-      for (int i = 0; i < M; ++i) y_rows[i][n] += t[i * ldt + j] * row[n];
+      for (int i = 0; i < M; ++i) y_rows[i][n] = (fresh ? acc_t(0) : y_rows[i][n]) + t[i * ldt + j] * row[n];
   }
 }
 
@@ -210,12 +214,12 @@ inline void shrink(bool stream, int m, const acc_t* const* x_rows, const acc_t* 
 // y += B t for m <= LF_TOKENS_PER_TILE tokens, streamed or register-tiled like shrink().
 template <typename acc_t>
 inline void expand(bool stream, int m, const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
-                   acc_t* const* y_rows) {
+                   acc_t* const* y_rows, bool write) {
   with_token_count(m, [&](auto M) {
     if (stream)
-      expand_rows<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows);
+      expand_rows<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows, write);
     else
-      expand_tokens<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows);
+      expand_tokens<acc_t, decltype(M)::value>(t, ldt, bt, k, d_out, y_rows, write);
   });
 }
 
@@ -429,11 +433,11 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
           } else {
             y_rows[i] = p.out + tokens[i] * p.out_row_stride;
           }
-          // zeroed here, the rows are in cache for the expand that follows
-          if (j0 == 0 && (convert || p.overwrite)) std::fill(y_rows[i], y_rows[i] + out_width, acc_t(0));
         }
         const acc_t* bt_piece = bt + j0 * out_width;
-        expand<acc_t>(stream, m, t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows);
+        // the first rank piece writes the rows (y_buf, or out itself when overwriting), later ones add
+        expand<acc_t>(stream, m, t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows,
+                      j0 == 0 && (convert || p.overwrite));
       }
       if constexpr (convert) {
         if (has_expand) {
