@@ -457,10 +457,10 @@ class _LayerState:
         filler = None
         for name in slot_names:
             if name in names:
-                a, b = lora_A[name].weight, lora_B[name].weight
+                a, b = lora_A[name].weight, lora_B[name].weight.T  # B rank-major: [r, d_out]
                 rank = a.shape[0]
                 if rank != r_max:
-                    a, b = F.pad(a, (0, 0, 0, r_max - rank)), F.pad(b, (0, r_max - rank))
+                    a, b = F.pad(a, (0, 0, 0, r_max - rank)), F.pad(b, (0, 0, 0, r_max - rank))
                 A_slots.append(a)
                 B_slots.append(b)
                 values.append((float(scaling.get(name, 0.0)), rank, a.requires_grad))
@@ -480,7 +480,9 @@ class _LayerState:
                 torch.tensor(grad, dtype=torch.bool).to(device),
             )
             self._slot_values_key = key
-        return (torch.stack(A_slots), torch.stack(B_slots), *self._slot_values)
+        # B stacked rank-major ([S, r_max, d_out], passed transposed), as the inference stacks
+        # keep it: the kernels read its rank rows in place instead of transposing each slot
+        return (torch.stack(A_slots), torch.stack(B_slots).transpose(1, 2), *self._slot_values)
 
     def one_scale(self, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``[scale]`` on ``device`` for adapters of ``dtype`` (float32, float64 for float64),
@@ -498,7 +500,7 @@ class _LayerState:
         if self._zero_slot_key != key:
             self._zero_slots = (
                 weight.new_zeros(self.r_max, layer.in_features),
-                weight.new_zeros(layer.out_features, self.r_max),
+                weight.new_zeros(self.r_max, layer.out_features),  # rank-major, like the others
             )
             self._zero_slot_key = key
         return self._zero_slots
