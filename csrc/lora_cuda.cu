@@ -16,6 +16,7 @@ namespace cuda {
 namespace {
 
 constexpr int kShrinkWarps = 4;
+constexpr int kShrinkUnroll = 4;  // 16-byte loads a lane of shrink_token_vectors issues at once
 constexpr int kExpandThreads = 256;
 constexpr int kFusedThreads = 256;
 constexpr int64_t kFusedBlocks = 256;  // spread a decode batch over about this many blocks
@@ -146,8 +147,22 @@ __global__ void expand_kernel(const LoraArgs a) {
   expand_token<scalar_t, acc_t, 1>(B, t_scaled, w.rank, a.r_max, a.d_out, y);
 }
 
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t dot_vectors(const uint4& xv, const uint4& av) {
+  constexpr int kPerVector = 16 / sizeof(scalar_t);
+  const scalar_t* xs = reinterpret_cast<const scalar_t*>(&xv);
+  const scalar_t* as = reinterpret_cast<const scalar_t*>(&av);
+  acc_t sum = 0;
+#pragma unroll
+  for (int e = 0; e < kPerVector; ++e) sum += to_acc(xs[e]) * to_acc(as[e]);
+  return sum;
+}
+
 // shrink_token with 16-byte loads of x and the rank rows of A (both aligned, d_in a whole number
-// of vectors): each lane reads 16 / sizeof(scalar_t) elements per load instead of one.
+// of vectors): each lane reads 16 / sizeof(scalar_t) elements per load instead of one, and issues
+// the loads of kShrinkUnroll vectors before it uses any (separate sums), so a lane has that many
+// requests to memory in flight rather than one: at decode a block's shrink is a few rounds of
+// memory latency, not a chain of one round per 32 vectors of a row.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void shrink_token_vectors(const scalar_t* x, const scalar_t* A, int64_t d_in, int64_t k,
                                                      acc_t scale, acc_t* dst) {
@@ -159,15 +174,22 @@ __device__ __forceinline__ void shrink_token_vectors(const scalar_t* x, const sc
   const uint4* x_vectors = reinterpret_cast<const uint4*>(x);
   for (int64_t j = warp; j < k; j += warps) {
     const uint4* row = reinterpret_cast<const uint4*>(A + j * d_in);
-    acc_t sum = 0;
-    for (int64_t v = lane; v < vectors; v += 32) {
-      const uint4 xv = x_vectors[v];
-      const uint4 av = row[v];
-      const scalar_t* xs = reinterpret_cast<const scalar_t*>(&xv);
-      const scalar_t* as = reinterpret_cast<const scalar_t*>(&av);
+    acc_t sums[kShrinkUnroll] = {};
+    int64_t v = lane;
+    for (; v + (kShrinkUnroll - 1) * 32 < vectors; v += kShrinkUnroll * 32) {
+      uint4 xv[kShrinkUnroll], av[kShrinkUnroll];
 #pragma unroll
-      for (int e = 0; e < kPerVector; ++e) sum += to_acc(xs[e]) * to_acc(as[e]);
+      for (int u = 0; u < kShrinkUnroll; ++u) {
+        xv[u] = x_vectors[v + u * 32];
+        av[u] = row[v + u * 32];
+      }
+#pragma unroll
+      for (int u = 0; u < kShrinkUnroll; ++u) sums[u] += dot_vectors<scalar_t, acc_t>(xv[u], av[u]);
     }
+    for (; v < vectors; v += 32) sums[0] += dot_vectors<scalar_t, acc_t>(x_vectors[v], row[v]);
+    acc_t sum = 0;
+#pragma unroll
+    for (int u = 0; u < kShrinkUnroll; ++u) sum += sums[u];
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     if (lane == 0) dst[j] = sum * scale;
   }
@@ -202,6 +224,7 @@ __global__ void delta_fused_kernel(const LoraArgs a) {
   for (int64_t n = first + threadIdx.x; n < last; n += blockDim.x) {
     const scalar_t* b_out = B + n * a.b_out_stride;
     acc_t sum = 0;
+#pragma unroll 8
     for (int64_t j = 0; j < w.rank; ++j) sum += t_scaled[j] * to_acc(b_out[j * a.b_rank_stride]);
     y[n] = from_acc<scalar_t>(to_acc(y[n]) + sum);
   }
