@@ -160,9 +160,10 @@ tune-train)
     # issue 4 in one short call: the tuner's train phase alone, resumed from this card's
     # committed rows (the table it writes keeps their forward rows and gains train_shrink /
     # weight_grad rows), then the training sweep and the host profile with that table; first the
-    # backward's tests on the GPU (the FUSE_DY dy pass had not run on one when this was written)
+    # backward's and the CUDA backend's tests on the GPU (the FUSE_DY dy pass and the CUDA
+    # shrink's four loads in flight had not run on one when this was written)
     step build 120 env MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e .
-    step backward-tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_backward.py
+    step backward-tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_backward.py tests/test_ops_gpu.py
     slug=$($PY -c "import torch; from benchmarks import common; print(common.slug(torch.cuda.get_device_name()))")
     rows=benchmarks/results/tune_triton_$slug.json
     if [[ -f $rows ]]; then

@@ -23,9 +23,16 @@ def cuda_backend_available():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     # one token (16-byte loads in the fused kernel's shrink), 37 tokens with an odd d_in (its
-    # scalar loads) and 64 (the most it takes, 4 output tiles), 300 (shrink + expand launches)
+    # scalar loads) and 64 (the most it takes, 4 output tiles), 300 (shrink + expand launches);
+    # d_in 1096: rows long enough for the shrink's four loads per lane in flight, plus a remainder
     "shape",
-    [(1, 1, 64, 4096, 8), (37, 5, 53, 41, 8), (64, 7, 128, 200, 16), (300, 9, 256, 320, 64)],
+    [
+        (1, 1, 64, 4096, 8),
+        (37, 5, 53, 41, 8),
+        (64, 7, 128, 200, 16),
+        (300, 9, 256, 320, 64),
+        (5, 3, 1096, 300, 16),
+    ],
 )
 def test_cuda_backend_matches_reference(dtype, shape, rank_major):
     if not cuda_backend_available():
