@@ -14,7 +14,8 @@
 # next session `tune` ran whole in 555 s (the tuner 229 s, bench_peft cut short).
 #
 #   BUDGET_S=280 bash benchmarks/gpu_session.sh tune-train   # issue 4 alone: the tuner's train
-#       # phase on top of the card's committed rows, then the training sweep and host profile
+#       # phase on top of the card's committed rows, then the training sweep and host profile;
+#       # with TUNE_PHASES="train decode" (BUDGET_S about 420) the decode rows are timed again too
 #   BUDGET_S=215 CHECK_TESTS="tests/..." bash benchmarks/gpu_session.sh check-peft
 #       # a short second call: rebuild, the C++-error probe, the named tests, bench_peft at 16 and
 #       # 64 adapters with shorter timing
@@ -166,10 +167,14 @@ tune-train)
     step backward-tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_backward.py tests/test_ops_gpu.py
     slug=$($PY -c "import torch; from benchmarks import common; print(common.slug(torch.cuda.get_device_name()))")
     rows=benchmarks/results/tune_triton_$slug.json
+    # TUNE_PHASES (default train) are timed again even where the committed rows have them, e.g.
+    # TUNE_PHASES="train decode" after a change to the decode kernels
+    # shellcheck disable=SC2086
     if [[ -f $rows ]]; then
-        step tune 200 $PY -m benchmarks.tune_triton --phases train --resume "$rows" --out-dir "$WORK"
+        step tune 200 $PY -m benchmarks.tune_triton --phases ${TUNE_PHASES:-train} --retime ${TUNE_PHASES:-train} \
+            --resume "$rows" --out-dir "$WORK"
     else
-        step tune 200 $PY -m benchmarks.tune_triton --phases train --out-dir "$WORK"
+        step tune 200 $PY -m benchmarks.tune_triton --phases ${TUNE_PHASES:-train} --out-dir "$WORK"
     fi
     cp kernels/configs/NVIDIA*.json "$WORK/" 2>/dev/null
     step train 60 $PY -m benchmarks.bench_lora_train --device "$DEVICE" $QUICK --ranks 16 --out-dir "$WORK"

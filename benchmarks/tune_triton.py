@@ -593,6 +593,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "timed again, and the table is built from them and the new rows together",
     )
     parser.add_argument(
+        "--retime",
+        nargs="+",
+        choices=["decode", "prefill", "linear", "train"],
+        default=[],
+        help="with --resume: drop the resumed rows of these phases, so their shapes are timed again "
+        "(after a kernel change)",
+    )
+    parser.add_argument(
         "--phases",
         nargs="+",
         choices=["decode", "prefill", "linear", "train"],
@@ -632,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         Path(args.table) if args.table else CONFIG_DIR / f"{configs.device_key(torch.device('cuda'))}.json"
     )
     rows: list[dict] = read_rows(args.resume) if args.resume else []
+    rows = [row for row in rows if row["phase"] not in args.retime]
     with tempfile.TemporaryDirectory() as workdir:
         # the table is written after each phase, so a run cut short still leaves the decode rows'
         table = None

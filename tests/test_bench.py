@@ -477,6 +477,9 @@ def test_tuner_main_resumes_and_runs_only_the_phases_asked(monkeypatch, tmp_path
     assert [row["phase"] for row in json.loads(written.read_text())["rows"]] == ["decode"] * len(decode) + [
         "linear"
     ] * len(timed["linear"])
+    # --retime: the resumed decode rows are dropped, so every decode shape is timed again
+    tune_triton.main([*argv, "--phases", "decode", "--retime", "decode"])
+    assert timed["decode"] == decode
 
 
 def test_reference_anchors_are_keyed_like_the_sweep_rows():
