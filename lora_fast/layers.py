@@ -163,15 +163,18 @@ class MultiLoRALinear(nn.Module):
                 rows, self.base.weight, self.base.bias, A, B, batch, scales, ranks, check_args=False
             )
             return y.view(*x.shape[:-1], y.shape[-1])
-        y = self.base(x)
+        # A plain Linear's output is computed on x's rows: the delta then goes in place into a
+        # tensor of its own. In place into a view of a [batch, seq, d_out] output, it would make
+        # autograd copy the whole output gradient in the backward (CopySlices).
+        y = self.base(rows) if plain_linear(self.base) else self.base(x)
         if y.dtype == A.dtype:  # add into the base output (autograd-aware inside lora_delta)
-            out = y.view(-1, y.shape[-1])
+            out = y if y.dim() == 2 else y.view(-1, y.shape[-1])
             lora_delta(
                 lora_input, A, B, batch, scales, ranks, out=out, grad_slots=grad_slots, check_args=False
             )
-            return y
+            return y.view(*x.shape[:-1], y.shape[-1])
         delta = lora_delta(lora_input, A, B, batch, scales, ranks, grad_slots=grad_slots, check_args=False)
-        return y + delta.view(y.shape).to(y.dtype)
+        return (y.reshape(-1, y.shape[-1]) + delta.to(y.dtype)).view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         trained = sorted(int(s) for s in self.lora_A)

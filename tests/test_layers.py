@@ -76,6 +76,34 @@ def test_train_a_subset_of_slots():
     assert torch.equal(layer.stack.A[0], frozen_A[0])
 
 
+def test_training_adds_the_delta_into_a_tensor_of_its_own():
+    """With a 3-D input the base Linear runs on the rows, so the delta goes in place into a tensor
+    that is no view: no CopySlices node (a clone and two copies of the output gradient in the
+    backward), and the gradients are those of the base output plus the delta."""
+    layer = make_layer()
+    layer.train_slots([0, 2])
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    batch = lora_fast.AdapterBatch(torch.randint(-1, 4, (3, 5)), 4)
+    y = layer(x, batch)
+    assert y.shape == (3, 5, 10)
+    node, seen, stack = None, set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    assert "CopySlices" not in {type(n).__name__ for n in seen}
+    grad = torch.randn(3, 5, 10)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    A, B = (w.detach().double() for w in layer.weights())
+    expected = layer.base.double()(x64).reshape(15, 10) + lora_fast.reference.lora_delta(
+        x64.reshape(15, 12), A, B, batch, layer.stack.scales.double(), layer.stack.ranks
+    )
+    expected.backward(grad.double().reshape(15, 10))
+    assert_close(x.grad, x64.grad, torch.float32)
+
+
 def test_dropout_matches_peft_lora_layer():
     from peft import LoraConfig, get_peft_model
 

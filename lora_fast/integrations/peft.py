@@ -546,13 +546,14 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     if dropout or (torch.is_grad_enabled() and any(self.lora_A[n].weight.requires_grad for n in names_here)):
         batch, slot_names = model_state.training_batch(adapter_names, seq_len, x.device)
         A, B, scales, ranks, grad_slots = layer_state.training_stacks(self, slot_names, names_here)
-        result = self.base_layer(x, *args, **kwargs)
+        result = _base_output(self, x, rows, args, kwargs)
         if dropout:
             groups = model_state.dropout_groups(adapter_names, x.device)
             lora_input = _dropped_like_peft(self, x, groups, A.dtype).reshape(rows.shape)
         else:
             lora_input = self._cast_input_dtype(rows, A.dtype)
-        return _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots)
+        result = _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots)
+        return result.view(*x.shape[:-1], result.shape[-1])
     slot_of = model_state.slot_of()
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
@@ -608,19 +609,32 @@ def _single_adapter(layer: nn.Module, layer_state: _LayerState, x, args, kwargs,
     model_state = layer_state.model_state
     if torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad):
         # training: PEFT's parameters themselves as a one-slot stack (views), so gradients reach them
-        result = layer.base_layer(x, *args, **kwargs)
+        result = _base_output(layer, x, x.reshape(-1, x.shape[-1]), args, kwargs)
         batch = model_state.one_slot_batch(rows.shape[0], rows.device)
         scales = layer_state.one_scale(float(layer.scaling[name]), rows.device, weight_A.dtype)
-        return _add_delta(result, lora_input, weight_A[None], weight_B[None], batch, scales, None, None)
+        result = _add_delta(result, lora_input, weight_A[None], weight_B[None], batch, scales, None, None)
+        return result.view(*x.shape[:-1], result.shape[-1])
     slot_of = model_state.slot_of()
     batch = model_state.batch([name], rows.shape[0], rows.device)
     A, B, scales, ranks = layer_state.inference_stacks(layer, slot_of, (name,))
     return _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scales, ranks)
 
 
+def _base_output(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """The base layer's output for a training call, ``[T, d_out]`` for a plain Linear (computed on
+    x's rows: the same GEMM), so that the delta goes in place into a tensor of its own. Added in
+    place into a view of a ``[batch, seq, d_out]`` output instead, it would make autograd copy
+    the whole output gradient in the backward (CopySlices: a clone and two copies per layer)."""
+    base = layer._modules["base_layer"]
+    if not args and not kwargs and plain_linear(base):
+        return base(rows)
+    return base(x, *args, **kwargs)
+
+
 def _add_delta(result, lora_input, A, B, batch, scales, ranks, grad_slots) -> torch.Tensor:
     if result.dtype == A.dtype and result.is_contiguous():
-        out_rows = result.view(-1, result.shape[-1])
+        # (a 2-D result itself, not a view of it: see _base_output)
+        out_rows = result if result.dim() == 2 else result.view(-1, result.shape[-1])
         lora_delta(
             lora_input, A, B, batch, scales, ranks, out=out_rows, grad_slots=grad_slots, check_args=False
         )
