@@ -356,6 +356,36 @@ def test_triton_training_shrinks_take_the_train_shrink_entry(training_split, mon
     assert real_lookup("train_shrink", x.device, 45, 24, 80) == table["shrink"][-1]["config"]
 
 
+def test_a_fuse_dy_table_row_reaches_lora_delta_autograd(monkeypatch, tmp_path):
+    """Through lora_delta's autograd with the Triton backend, a weight_grad row with FUSE_DY runs
+    the dy pass on the forward's kept shrink partials of x; the gradients match the reference."""
+    kernels = pytest.importorskip("lora_fast.kernels")
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    backward = importlib.import_module("lora_fast.kernels.lora_delta_backward")
+    table = json.loads((kernels.configs.CONFIG_DIR / "interpreter.json").read_text())
+    table["weight_grad"] = [{"config": table["weight_grad"][0]["config"] | {"FUSE_DY": 1}}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LORA_FAST_TRITON_CONFIG", str(path))
+    passes = []
+    real_pass = backward._dy_pass
+    monkeypatch.setattr(
+        backward, "_dy_pass", lambda *args, **kw: passes.append(args[2]) or real_pass(*args, **kw)
+    )
+    c = random_case(90, 4, 40, 72, 8, dtype=torch.float32)
+    grad_out = torch.randn(90, 72, dtype=torch.float64).float()
+    b = c["batch"].to(DEVICE)
+    x, A, B = (c[k].to(DEVICE).requires_grad_() for k in ("x", "A", "B"))
+    with lora_fast.use_backend("triton"):  # the backward too (on the CPU it would be C++ outside)
+        lora_fast.lora_delta(x, A, B, b, c["scales"].to(DEVICE), c["ranks"].to(DEVICE)).backward(
+            grad_out.to(DEVICE)
+        )
+    assert len(passes) == 1 and passes[0].dim() == 3  # the forward's split-K partials of x
+    for g, e in zip((x.grad, A.grad, B.grad), reference_grads(c, grad_out), strict=True):
+        assert_close(g, e, torch.float32)
+
+
 @pytest.mark.parametrize("split_m", [1, 3], ids=["whole_segments", "split_segments"])
 def test_triton_weight_gradients_write_every_entry(split_m):
     """The weight-gradient kernel writes its whole output (zeros for a frozen slot, an empty
