@@ -36,6 +36,27 @@ def dy_pass_pays(r_max: int, block_d: int, element_size: int) -> bool:
 
 
 @triton.jit
+def _segment_share(length, pid_split, BLOCK_M: tl.constexpr, SPLIT_M: tl.constexpr):
+    """``[m_begin, m_end)``: program ``pid_split``'s share of a segment, whole blocks, SPLIT_M ways."""
+    chunk = tl.cdiv(tl.cdiv(length, BLOCK_M), SPLIT_M) * BLOCK_M
+    m_begin = pid_split * chunk
+    return m_begin, tl.minimum(length, m_begin + chunk)
+
+
+@triton.jit
+def _coef_t_rows(
+    coef_ptr, tokens, ranks_here, mask, stride_split, stride_row, rows, SPLIT: tl.constexpr, UPCAST, IEEE
+):
+    """``coef[tokens, ranks]^T @ rows`` ([BLOCK_R, BLOCK_D], float32): the coefficients' SPLIT
+    planes summed in order while loading, only where ``mask`` ([BLOCK_R, BLOCK_M]) holds."""
+    coef = tl.zeros(mask.shape, dtype=tl.float32)
+    tile = coef_ptr + tokens[None, :] * stride_row + ranks_here[:, None]
+    for part in range(SPLIT):
+        coef += tl.load(tile + part * stride_split, mask=mask, other=0.0).to(tl.float32)
+    return dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
+
+
+@triton.jit
 def _lora_weight_grad_kernel(
     coef_ptr,
     rows_ptr,
@@ -78,10 +99,7 @@ def _lora_weight_grad_kernel(
     column_ok = columns < width
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    # this program's share of the segment: whole blocks, split SPLIT_M ways
-    chunk = tl.cdiv(tl.cdiv(length, BLOCK_M), SPLIT_M) * BLOCK_M
-    m_begin = pid_split * chunk
-    m_end = tl.minimum(length, m_begin + chunk)
+    m_begin, m_end = _segment_share(length, pid_split, BLOCK_M, SPLIT_M)
     # every rank row of the plane is written (zeros past the slot's rank), so the gradient
     # needs no zero-filled buffer; passes past the rank skip the token loop
     for r0 in range(0, r_max, BLOCK_R):
@@ -97,18 +115,21 @@ def _lora_weight_grad_kernel(
                 mask=in_segment[:, None] & column_ok[None, :],
                 other=0.0,
             )
-            coef = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-            coef_tile = coef_ptr + tokens[None, :] * stride_coef_row + ranks_here[:, None]
-            for part in range(SPLIT_COEF):  # the shrink's split-K planes, summed in order
-                coef += tl.load(
-                    coef_tile + part * stride_coef_split,
-                    mask=rank_ok[:, None] & in_segment[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            acc += dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
+            mask = rank_ok[:, None] & in_segment[None, :]  # (the shrink's split-K planes)
+            acc += _coef_t_rows(
+                coef_ptr,
+                tokens,
+                ranks_here,
+                mask,
+                stride_coef_split,
+                stride_coef_row,
+                rows,
+                SPLIT_COEF,
+                UPCAST,
+                IEEE,
+            )
         grad = grad_ptr + pid_split * stride_grad_split + slot * stride_grad_slot
-        grad += ranks_here[:, None] * stride_grad_rank
-        grad += columns[None, :] * stride_grad_col
+        grad += ranks_here[:, None] * stride_grad_rank + columns[None, :] * stride_grad_col
         tl.store(
             grad,
             (acc * scale).to(grad_ptr.dtype.element_ty),
@@ -171,9 +192,7 @@ def _lora_dy_pass_kernel(
     column_ok = columns < d_out
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    chunk = tl.cdiv(tl.cdiv(length, BLOCK_M), SPLIT_M) * BLOCK_M
-    m_begin = pid_split * chunk
-    m_end = tl.minimum(length, m_begin + chunk)
+    m_begin, m_end = _segment_share(length, pid_split, BLOCK_M, SPLIT_M)
     b_slot = B_ptr + slot * stride_b_slot
     for r0 in range(0, r_max, BLOCK_R):
         ranks_here = r0 + offs_r
@@ -200,18 +219,12 @@ def _lora_dy_pass_kernel(
                 u_part,
                 mask=in_segment[:, None] & rank_ok[None, :],
             )
-            coef = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-            coef_tile = t_ptr + tokens[None, :] * stride_t_row + ranks_here[:, None]
-            for part in range(SPLIT_T):  # the forward shrink's split-K planes, summed in order
-                coef += tl.load(
-                    coef_tile + part * stride_t_split,
-                    mask=coef_ok[:, None] & in_segment[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-            acc += dot(coef.to(rows.dtype), rows, UPCAST, IEEE)
+            mask = coef_ok[:, None] & in_segment[None, :]  # (the forward shrink's split-K planes)
+            acc += _coef_t_rows(
+                t_ptr, tokens, ranks_here, mask, stride_t_split, stride_t_row, rows, SPLIT_T, UPCAST, IEEE
+            )
         grad = grad_ptr + pid_split * stride_grad_split + slot * stride_grad_slot
-        grad += ranks_here[:, None] * stride_grad_rank
-        grad += columns[None, :] * stride_grad_col
+        grad += ranks_here[:, None] * stride_grad_rank + columns[None, :] * stride_grad_col
         tl.store(
             grad,
             (acc * scale).to(grad_ptr.dtype.element_ty),
