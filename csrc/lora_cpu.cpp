@@ -31,10 +31,14 @@ namespace avx512 {
 #define LF_VEC_BYTES 64
 #define LF_LINEAR_TN 8
 #define LF_SHRINK_TN 4
+#define LF_LANES_TM 8
+#define LF_LANES_NV 3
 #define LF_EXPAND_NV 4
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
+#undef LF_LANES_TM
+#undef LF_LANES_NV
 #undef LF_EXPAND_NV
 #undef LF_LINEAR_TN
 }  // namespace avx512
@@ -46,10 +50,14 @@ namespace avx2 {
 #define LF_VEC_BYTES 32
 #define LF_LINEAR_TN 4
 #define LF_SHRINK_TN 2
+#define LF_LANES_TM 4
+#define LF_LANES_NV 2
 #define LF_EXPAND_NV 2
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
+#undef LF_LANES_TM
+#undef LF_LANES_NV
 #undef LF_EXPAND_NV
 #undef LF_LINEAR_TN
 }  // namespace avx2
@@ -60,10 +68,14 @@ namespace baseline {
 #define LF_VEC_BYTES 16
 #define LF_LINEAR_TN 4
 #define LF_SHRINK_TN 2
+#define LF_LANES_TM 4
+#define LF_LANES_NV 2
 #define LF_EXPAND_NV 2
 #include "lora_cpu_kernel.h"
 #undef LF_VEC_BYTES
 #undef LF_SHRINK_TN
+#undef LF_LANES_TM
+#undef LF_LANES_NV
 #undef LF_EXPAND_NV
 #undef LF_LINEAR_TN
 }  // namespace baseline
@@ -178,7 +190,7 @@ Metadata prepare(int64_t num_tokens, int64_t num_slots, int64_t r_max, const at:
                       " [", sp[s], ", ", sp[s] + lp[s], ") lies outside the ", num_tokens, " tokens");
     if (meta.ranks[s] == 0) continue;
     for (int64_t off = 0; off < lp[s]; off += kChunkTokens)
-      meta.items.push_back({s, sp[s] + off, std::min(kChunkTokens, lp[s] - off)});
+      meta.items.push_back({s, sp[s] + off, std::min(kChunkTokens, lp[s] - off), lp[s]});
   }
   return meta;
 }

@@ -3,6 +3,8 @@
 //   LF_VEC_BYTES  bytes of one SIMD register (64 AVX-512, 32 AVX2, 16 SSE2 / NEON)
 //   LF_SHRINK_TN  rank rows per shrink register tile (tile = LF_TOKENS_PER_TILE x LF_SHRINK_TN)
 //   LF_EXPAND_NV  output vectors per expand register tile (tile = LF_TOKENS_PER_TILE x LF_EXPAND_NV)
+//   LF_LANES_TM   tokens per shrink_lanes / expand_lanes register tile (slots of kLanesTokens or more)
+//   LF_LANES_NV   output vectors per expand_lanes register tile
 // The code uses GCC/Clang vector extensions so that one source compiles to each register width.
 // It includes nothing: lora_cpu.cpp includes the standard headers and lora_cpu_work.h (WorkItem,
 // Problem, Mode) first.
@@ -98,8 +100,8 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
       V b[NV];
       for (int v = 0; v < NV; ++v) b[v] = S::load(bt + j * d_out + n + v * W);
       for (int i = 0; i < M; ++i) {
-        const V tv = V{} + t[i * ldt + j];
-        for (int v = 0; v < NV; ++v) acc[i][v] += tv * b[v];
+        const acc_t tv = t[i * ldt + j];
+        for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * tv;
       }
     }
     for (int i = 0; i < M; ++i)
@@ -113,7 +115,7 @@ inline void expand_tokens(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t 
     for (int i = 0; i < M; ++i) acc[i] = V{};
     for (int64_t j = 0; j < k; ++j) {
       const V b = S::load(bt + j * d_out + n);
-      for (int i = 0; i < M; ++i) acc[i] += (V{} + t[i * ldt + j]) * b;
+      for (int i = 0; i < M; ++i) acc[i] += b * t[i * ldt + j];
     }
     for (int i = 0; i < M; ++i) S::store(y_rows[i] + n, write ? acc[i] : S::load(y_rows[i] + n) + acc[i]);
   }
@@ -185,6 +187,107 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
     for (; n < d_out; ++n)
       for (int i = 0; i < M; ++i) y_rows[i][n] = (fresh ? acc_t(0) : y_rows[i][n]) + t[i * ldt + j] * row[n];
   }
+}
+
+// The shrink of a slot with at least kLanesTokens tokens, GEMM style: the ranks lie across the
+// vector lanes. `at` is the slot's A transposed, [d][kp] (kp: the rank rounded up to whole
+// vectors, the padding zero), so each step along d loads G vectors of A and multiplies them by
+// each token's x element (a broadcast the FMA takes from memory): x is read once per tile of M
+// tokens and no lanes are summed across. (The dot-product tiles of shrink_tokens keep A in place
+// but end every tile with horizontal sums: on rank-16 slots of 32-64 tokens this shrink, the
+// transpose included, takes 0.7-0.85x of their time; see kLanesTokens.)
+// t[i * ldt + j] for i < M, j < G * lanes.
+template <typename acc_t, int M, int G>
+inline void shrink_lanes_tile(const acc_t* const* x_rows, const acc_t* at, int64_t kp, int64_t d, acc_t* t,
+                              int64_t ldt) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  V acc[M][G];
+  for (int i = 0; i < M; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = V{};
+  // (unrolled so that the M row pointers advance once per four steps, not once per step)
+#pragma GCC unroll 4
+  for (int64_t c = 0; c < d; ++c) {
+    V a[G];
+    for (int g = 0; g < G; ++g) a[g] = S::load(at + c * kp + g * W);
+    for (int i = 0; i < M; ++i) {
+      const acc_t xs = x_rows[i][c];
+      for (int g = 0; g < G; ++g) acc[i][g] += a[g] * xs;
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int g = 0; g < G; ++g) S::store(t + i * ldt + g * W, acc[i][g]);
+}
+
+// t rows of M tokens over all kp ranks: pairs of vectors, then a last single one.
+template <typename acc_t, int M>
+inline void shrink_lanes(const acc_t* const* x_rows, const acc_t* at, int64_t kp, int64_t d, acc_t* t,
+                         int64_t ldt) {
+  constexpr int W = Simd<acc_t>::lanes;
+  int64_t v = 0;
+  for (; v + 2 * W <= kp; v += 2 * W) shrink_lanes_tile<acc_t, M, 2>(x_rows, at + v, kp, d, t + v, ldt);
+  if (v < kp) shrink_lanes_tile<acc_t, M, 1>(x_rows, at + v, kp, d, t + v, ldt);
+}
+
+// The expand of a slot that shrink_lanes took, all its tokens' t at hand: a register tile of M
+// tokens by NV vectors of output columns, over every rank at once.
+// y_rows[i][v * W + c] = (write ? 0 : y_rows[i][v * W + c]) + sum_j t[i * ldt + j] * bt[j * ld_bt + v * W + c]
+template <typename acc_t, int M, int NV>
+inline void expand_lanes_tile(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t ld_bt, int64_t k,
+                              acc_t* const* y_rows, bool write) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  V acc[M][NV];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t j = 0; j < k; ++j) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = S::load(bt + j * ld_bt + v * W);
+    for (int i = 0; i < M; ++i) {
+      const acc_t ts = t[i * ldt + j];
+      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * ts;
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) {
+      acc_t* y = y_rows[i] + v * W;
+      S::store(y, write ? acc[i][v] : S::load(y) + acc[i][v]);
+    }
+}
+
+// The item's `count` tokens (y_rows holds LF_LANES_TM - 1 more, padding that points at scratch):
+// blocks of output columns outer, token tiles inner, so a block's B^T rows stay in L1 while every
+// tile of the item uses them.
+template <typename acc_t, int NV>
+inline int64_t expand_lanes_columns(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
+                                    int64_t n, acc_t* const* y_rows, int64_t count, bool write) {
+  constexpr int W = Simd<acc_t>::lanes;
+  for (; n + NV * W <= d_out; n += NV * W) {
+    for (int64_t first = 0; first < count; first += LF_LANES_TM) {
+      acc_t* y[LF_LANES_TM];
+      for (int i = 0; i < LF_LANES_TM; ++i) y[i] = y_rows[first + i] + n;
+      if (count - first > 4 || LF_LANES_TM == 4)
+        expand_lanes_tile<acc_t, LF_LANES_TM, NV>(t + first * ldt, ldt, bt + n, d_out, k, y, write);
+      else
+        expand_lanes_tile<acc_t, 4, NV>(t + first * ldt, ldt, bt + n, d_out, k, y, write);
+    }
+  }
+  return n;
+}
+
+template <typename acc_t>
+inline void expand_lanes(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
+                         acc_t* const* y_rows, int64_t count, bool write) {
+  int64_t n = expand_lanes_columns<acc_t, LF_LANES_NV>(t, ldt, bt, k, d_out, 0, y_rows, count, write);
+  n = expand_lanes_columns<acc_t, 1>(t, ldt, bt, k, d_out, n, y_rows, count, write);
+  for (; n < d_out; ++n)
+    for (int64_t i = 0; i < count; ++i) {
+      acc_t sum = 0;
+      for (int64_t j = 0; j < k; ++j) sum += t[i * ldt + j] * bt[j * d_out + n];
+      y_rows[i][n] = write ? sum : y_rows[i][n] + sum;
+    }
 }
 
 // Calls f(std::integral_constant<int, M>{}) with M = m, for m in [1, LF_TOKENS_PER_TILE].
@@ -341,12 +444,21 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
 
   std::vector<acc_t> a_buf(has_shrink && !a_in_place ? p.r_max * in_width : 0);
   std::vector<acc_t> bt_buf(has_expand && !bt_in_place ? p.r_max * out_width : 0);
-  std::vector<acc_t> x_buf(convert && has_shrink ? TM * in_width : 0);
+  std::vector<acc_t> x_buf(convert && has_shrink ? std::max(TM, LF_LANES_TM) * in_width : 0);
   std::vector<acc_t> y_buf(convert && has_expand ? TM * out_width : 0);
   acc_t t_buf[TM * kMaxTileRank];
   int64_t loaded_slot = -1;
   const acc_t* a = nullptr;
   const acc_t* bt = nullptr;
+  // Slots with at least kLanesTokens tokens shrink through shrink_lanes: A transposed into
+  // at_buf ([in_width][kp], once per slot), t of the item's tokens in t_item (all ranks; the
+  // rows past the item take a last tile's padding tokens).
+  constexpr int64_t W = Simd<acc_t>::lanes;
+  const int64_t ldt_item = (p.r_max + W - 1) / W * W;
+  std::vector<acc_t> at_buf;
+  std::vector<acc_t> t_item;
+  std::vector<acc_t> y_pad;
+  int64_t packed_slot = -1;
 
   for (int64_t it = 0; it < num_items; ++it) {
     const WorkItem& item = items[it];
@@ -393,7 +505,57 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
       loaded_slot = slot;
     }
 
-    const bool stream = item.count <= kStreamTokens;
+    const bool stream = item.slot_tokens <= kStreamTokens;
+    // (padding a rank to whole vectors must not cost more than a quarter of the work)
+    const int64_t kp = (k + W - 1) / W * W;
+    const bool lanes = has_shrink && item.slot_tokens >= kLanesTokens && 4 * (kp - k) <= k;
+    if (lanes) {
+      if (slot != packed_slot) {
+        at_buf.resize(in_width * ldt_item);
+        // (lanes k..kp-1 keep what the buffer held: t's columns past k are never read)
+        transpose_scaled(a, in_width, k, in_width, at_buf.data(), kp, acc_t(1));
+        t_item.resize((kChunkTokens + LF_LANES_TM) * ldt_item);
+        packed_slot = slot;
+      }
+      const int64_t* tokens = p.token_order + item.begin;
+      for (int64_t first = 0; first < item.count; first += LF_LANES_TM) {
+        const int m = static_cast<int>(std::min<int64_t>(LF_LANES_TM, item.count - first));
+        const acc_t* x_rows[LF_LANES_TM];
+        for (int i = 0; i < m; ++i) {
+          const scalar_t* row = p.x + tokens[first + i] * p.x_row_stride;
+          if constexpr (convert) {
+            for (int64_t c = 0; c < in_width; ++c) x_buf[i * in_width + c] = static_cast<acc_t>(row[c]);
+            x_rows[i] = x_buf.data() + i * in_width;
+          } else {
+            x_rows[i] = row;
+          }
+        }
+        for (int i = m; i < LF_LANES_TM; ++i) x_rows[i] = x_rows[m - 1];  // padding: t rows past the item
+        acc_t* t_rows = t_item.data() + first * ldt_item;
+        if (m > 4 || LF_LANES_TM == 4)
+          shrink_lanes<acc_t, LF_LANES_TM>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item);
+        else
+          shrink_lanes<acc_t, 4>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item);
+      }
+      for (int64_t i = 0; i < item.count; ++i) {
+        acc_t* t_row = t_item.data() + i * ldt_item;
+        if (p.t != nullptr)
+          for (int64_t j = 0; j < k; ++j) p.t[tokens[i] * p.t_row_stride + j] = t_row[j];
+        if (has_expand)
+          for (int64_t j = 0; j < k; ++j) t_row[j] *= scale;
+      }
+      if constexpr (!convert) {
+        if (has_expand) {
+          // y rows in place, every rank in one pass; the padding tokens write to y_pad
+          acc_t* y_rows[kChunkTokens + LF_LANES_TM];
+          for (int64_t i = 0; i < item.count; ++i) y_rows[i] = p.out + tokens[i] * p.out_row_stride;
+          y_pad.resize(out_width);
+          for (int64_t i = item.count; i < item.count + LF_LANES_TM; ++i) y_rows[i] = y_pad.data();
+          expand_lanes(t_item.data(), ldt_item, bt, k, out_width, y_rows, item.count, p.overwrite);
+        }
+        continue;
+      }
+    }
     for (int64_t first = 0; first < item.count; first += TM) {
       const int m = static_cast<int>(std::min<int64_t>(TM, item.count - first));
       const int64_t* tokens = p.token_order + item.begin + first;
@@ -401,7 +563,13 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
       // stack; each piece is shrunk and immediately expanded.
       for (int64_t j0 = 0; j0 < k; j0 += kMaxTileRank) {
         const int64_t kj = std::min<int64_t>(kMaxTileRank, k - j0);
-        if constexpr (has_shrink) {
+        // the scaled t of this piece: t_item's rows (lanes), else t_buf's
+        const acc_t* tp = t_buf;
+        int64_t ldt = kMaxTileRank;
+        if (lanes) {
+          tp = t_item.data() + first * ldt_item + j0;
+          ldt = ldt_item;
+        } else if constexpr (has_shrink) {
           const acc_t* x_rows[TM];
           for (int i = 0; i < m; ++i) {
             const scalar_t* row = p.x + tokens[i] * p.x_row_stride;
@@ -424,8 +592,9 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
               t_buf[i * kMaxTileRank + j] = static_cast<acc_t>(p.t_in[tokens[i] * p.t_row_stride + j0 + j]);
         }
         if (!has_expand) continue;
-        for (int i = 0; i < m; ++i)
-          for (int64_t j = 0; j < kj; ++j) t_buf[i * kMaxTileRank + j] *= scale;
+        if (!lanes)
+          for (int i = 0; i < m; ++i)
+            for (int64_t j = 0; j < kj; ++j) t_buf[i * kMaxTileRank + j] *= scale;
         acc_t* y_rows[TM];
         for (int i = 0; i < m; ++i) {
           if constexpr (convert) {
@@ -436,8 +605,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
         }
         const acc_t* bt_piece = bt + j0 * out_width;
         // the first rank piece writes the rows (y_buf, or out itself when overwriting), later ones add
-        expand<acc_t>(stream, m, t_buf, kMaxTileRank, bt_piece, kj, out_width, y_rows,
-                      j0 == 0 && (convert || p.overwrite));
+        expand<acc_t>(stream, m, tp, ldt, bt_piece, kj, out_width, y_rows, j0 == 0 && (convert || p.overwrite));
       }
       if constexpr (convert) {
         if (has_expand) {
@@ -473,8 +641,8 @@ inline void outer_accumulate(const acc_t* const* coef, const acc_t* const* rows,
       V r[NV];
       for (int v = 0; v < NV; ++v) r[v] = S::load(rows[i] + c + v * W);
       for (int j = 0; j < J; ++j) {
-        const V cv = V{} + coef[i][j];
-        for (int v = 0; v < NV; ++v) acc[j][v] += cv * r[v];
+        const acc_t cv = coef[i][j];
+        for (int v = 0; v < NV; ++v) acc[j][v] += r[v] * cv;
       }
     }
     for (int j = 0; j < J; ++j)

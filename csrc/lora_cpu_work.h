@@ -14,7 +14,7 @@ enum class Mode { kShrink, kExpand, kDelta, kBackwardX };
 #define LF_TOKENS_PER_TILE 4
 // Rank columns held on the stack per pass; a larger rank goes through in several passes.
 constexpr int64_t kMaxTileRank = 64;
-// A work item of at most this many tokens reads its slot's weights as one sequential stream
+// A slot of at most this many tokens reads its weights as one sequential stream
 // (shrink_rows / expand_rows) rather than in register tiles: measured on a 1-thread AMD EPYC
 // decode sweep, streaming wins at 1-3 tokens per slot and tiling from 4.
 constexpr int64_t kStreamTokens = 3;
@@ -26,6 +26,11 @@ constexpr int64_t kStreamTokens = 3;
 // 1536 B SmolLM2's 16-token decode step went from 1.259 to 1.239 of the base model's time at 16
 // adapters and from 1.234 to 1.222 at 64 (interleaved rounds, medians).
 constexpr int64_t kStreamPrefetchBytes = 1536;
+// Slots of at least this many tokens go through shrink_lanes and expand_lanes (A transposed once
+// per slot and call, GEMM-style register tiles). Against the dot-product tiles, one thread on the
+// Intel Xeon, 16 slots of rank 16, d 576 -> 576, fp32, the delta took 1.19x as long at 8 tokens a
+// slot, 1.10x at 12, 0.95x at 16, 0.81x at 32 and 0.74x at 64 (0.58x at rank 64, d_in 1536).
+constexpr int64_t kLanesTokens = 16;
 // Tokens per work item. Items of one slot are consecutive, so a thread that takes a run of them
 // converts that slot's weights once.
 constexpr int64_t kChunkTokens = 32;
@@ -40,6 +45,9 @@ struct WorkItem {
   int64_t slot;
   int64_t begin;  // position in token_order
   int64_t count;
+  // tokens of the whole slot: every item of a slot takes the same path (streamed, register
+  // tiles or shrink_lanes), so a token's bits do not depend on which item it falls in
+  int64_t slot_tokens;
 };
 
 template <typename scalar_t, typename acc_t>

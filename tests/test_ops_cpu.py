@@ -73,6 +73,45 @@ def test_weights_past_each_slots_rank_are_never_read(isa):
     assert_close(got, expected_delta(c), torch.float32)
 
 
+def long_segments_case(dtype):
+    """Slots with enough tokens for the GEMM-style shrink (kLanesTokens = 16: the ranks across the
+    vector lanes, A transposed once per slot) beside short ones, tokens interleaved: segments
+    past one 32-token work item (40, 70) and with a last tile shorter than the register tile,
+    ranks that fill whole vectors (16), leave padding lanes (13), fall back to the dot-product
+    tiles (8 on 16-lane vectors) or span two 64-rank passes (72)."""
+    lengths = [40, 17, 70, 3, 0, 16, 9]
+    ids = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)] + [torch.full((5,), -1)])
+    ids = ids[torch.randperm(len(ids))]
+    c = random_case(len(ids), len(lengths), 37, 45, 72, dtype=dtype, ids=ids)
+    c["ranks"] = torch.tensor([16, 13, 72, 16, 16, 8, 72])
+    return c
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_segments_match_reference(isa, dtype):
+    c = long_segments_case(dtype)
+    grad_out = torch.randn(len(c["ids"]), 45, dtype=torch.float64).to(dtype)
+    x, A, B = (c[k].clone().requires_grad_() for k in ("x", "A", "B"))
+    start = torch.randn(len(c["ids"]), 45, dtype=torch.float64).to(dtype)
+    with lora_fast.use_backend("cpu"):
+        t = lora_fast.lora_shrink(c["x"], c["A"], c["batch"], c["ranks"])
+        out = lora_fast.lora_delta(
+            c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=start.clone()
+        )
+        fresh = lora_fast.lora_delta(x, A, B, c["batch"], c["scales"], c["ranks"])  # written, not added
+        fresh.backward(grad_out)
+    expected_t = reference.lora_shrink(c["x"].double(), c["A"].double(), c["batch"], c["ranks"])
+    assert_close(t, expected_t, dtype)
+    delta = expected_delta(c)
+    assert_close(fresh, delta, dtype)
+    assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 4)
+    expected = reference.lora_delta_backward(
+        grad_out.double(), *(c[k].double() for k in ("x", "A", "B")), c["batch"], c["scales"], c["ranks"]
+    )
+    for got, want in zip((x.grad, A.grad, B.grad), expected, strict=True):
+        assert_close(got, want, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_shrink_and_expand_match_reference(isa, dtype):
     c = random_case(61, 5, 35, 27, 12, dtype=dtype)
