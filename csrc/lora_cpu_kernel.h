@@ -230,6 +230,23 @@ inline void shrink_lanes(const acc_t* const* x_rows, const acc_t* at, int64_t kp
   if (v < kp) shrink_lanes_tile<acc_t, M, 1>(x_rows, at + v, kp, d, t + v, ldt);
 }
 
+// Issues software prefetches (into L2) for a byte range, a share of it at each step: run_items
+// spreads the next slot's weights over the current slot's register tiles, so that their read
+// from memory overlaps this slot's arithmetic instead of stalling the next slot.
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+  void start(const void* begin, int64_t bytes, int64_t steps) {
+    next = static_cast<const char*>(begin);
+    end = next + bytes;
+    lines_per_step = (bytes / 64 + steps) / std::max<int64_t>(steps, 1);
+  }
+  inline void step() {
+    for (int64_t q = 0; q < lines_per_step && next < end; ++q, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
+
 // The expand of a slot that shrink_lanes took, all its tokens' t at hand: a register tile of M
 // tokens by NV vectors of output columns, over every rank at once.
 // y_rows[i][v * W + c] = (write ? 0 : y_rows[i][v * W + c]) + sum_j t[i * ldt + j] * bt[j * ld_bt + v * W + c]
@@ -262,7 +279,7 @@ inline void expand_lanes_tile(const acc_t* t, int64_t ldt, const acc_t* bt, int6
 // tile of the item uses them.
 template <typename acc_t, int NV>
 inline int64_t expand_lanes_columns(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
-                                    int64_t n, acc_t* const* y_rows, int64_t count, bool write) {
+                                    int64_t n, acc_t* const* y_rows, int64_t count, bool write, Prefetcher& pf) {
   constexpr int W = Simd<acc_t>::lanes;
   for (; n + NV * W <= d_out; n += NV * W) {
     for (int64_t first = 0; first < count; first += LF_LANES_TM) {
@@ -272,6 +289,7 @@ inline int64_t expand_lanes_columns(const acc_t* t, int64_t ldt, const acc_t* bt
         expand_lanes_tile<acc_t, LF_LANES_TM, NV>(t + first * ldt, ldt, bt + n, d_out, k, y, write);
       else
         expand_lanes_tile<acc_t, 4, NV>(t + first * ldt, ldt, bt + n, d_out, k, y, write);
+      pf.step();
     }
   }
   return n;
@@ -279,9 +297,9 @@ inline int64_t expand_lanes_columns(const acc_t* t, int64_t ldt, const acc_t* bt
 
 template <typename acc_t>
 inline void expand_lanes(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
-                         acc_t* const* y_rows, int64_t count, bool write) {
-  int64_t n = expand_lanes_columns<acc_t, LF_LANES_NV>(t, ldt, bt, k, d_out, 0, y_rows, count, write);
-  n = expand_lanes_columns<acc_t, 1>(t, ldt, bt, k, d_out, n, y_rows, count, write);
+                         acc_t* const* y_rows, int64_t count, bool write, Prefetcher& pf) {
+  int64_t n = expand_lanes_columns<acc_t, LF_LANES_NV>(t, ldt, bt, k, d_out, 0, y_rows, count, write, pf);
+  n = expand_lanes_columns<acc_t, 1>(t, ldt, bt, k, d_out, n, y_rows, count, write, pf);
   for (; n < d_out; ++n)
     for (int64_t i = 0; i < count; ++i) {
       acc_t sum = 0;
@@ -518,7 +536,20 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
         packed_slot = slot;
       }
       const int64_t* tokens = p.token_order + item.begin;
+      // The last item of a slot prefetches the next slot's A during its shrink and its B during
+      // its expand (weights read in place: fp32 / fp64 forward with B rank-major).
+      Prefetcher a_next, b_next;
+      if constexpr (mode == Mode::kDelta && !convert) {
+        if (it + 1 < num_items && items[it + 1].slot != slot && p.b_rank_major) {
+          const int64_t next = items[it + 1].slot, k_next = p.ranks[next];
+          const int64_t tiles = (item.count + LF_LANES_TM - 1) / LF_LANES_TM;
+          a_next.start(p.A + next * p.r_max * p.d_in, k_next * p.d_in * int64_t(sizeof(acc_t)), tiles);
+          b_next.start(p.B + next * p.d_out * p.r_max, k_next * p.d_out * int64_t(sizeof(acc_t)),
+                       tiles * (p.d_out / (LF_LANES_NV * W) + 1));
+        }
+      }
       for (int64_t first = 0; first < item.count; first += LF_LANES_TM) {
+        a_next.step();
         const int m = static_cast<int>(std::min<int64_t>(LF_LANES_TM, item.count - first));
         const acc_t* x_rows[LF_LANES_TM];
         for (int i = 0; i < m; ++i) {
@@ -551,7 +582,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
           for (int64_t i = 0; i < item.count; ++i) y_rows[i] = p.out + tokens[i] * p.out_row_stride;
           y_pad.resize(out_width);
           for (int64_t i = item.count; i < item.count + LF_LANES_TM; ++i) y_rows[i] = y_pad.data();
-          expand_lanes(t_item.data(), ldt_item, bt, k, out_width, y_rows, item.count, p.overwrite);
+          expand_lanes(t_item.data(), ldt_item, bt, k, out_width, y_rows, item.count, p.overwrite, b_next);
         }
         continue;
       }
