@@ -308,6 +308,71 @@ inline void expand_lanes(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k
     }
 }
 
+// Two one-token slots of the same rank at once (decode): the shrink_rows and expand_rows streams
+// of both slots' weights interleaved, so two streams are in flight from memory instead of one.
+// A core reading 36 KB weight blocks one at a time reached 11.3 GB/s on the Intel Xeon, two
+// interleaved 13.6-14.0 GB/s.
+// t_a[j] = dot(x_a, a_a[j]), t_b[j] = dot(x_b, a_b[j]) for j < k.
+template <typename acc_t>
+inline void shrink_rows_pair(const acc_t* x_a, const acc_t* a_a, const acc_t* x_b, const acc_t* a_b, int64_t k,
+                             int64_t d, acc_t* t_a, acc_t* t_b) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  constexpr int64_t ahead = kStreamPrefetchBytes / sizeof(acc_t);
+  for (int64_t j = 0; j < k; ++j) {
+    const acc_t* ra = a_a + j * d;
+    const acc_t* rb = a_b + j * d;
+    V acc_a[2] = {V{}, V{}}, acc_b[2] = {V{}, V{}};
+    int64_t c = 0;
+    for (; c + 2 * W <= d; c += 2 * W) {
+      __builtin_prefetch(ra + c + ahead, 0, 3);
+      __builtin_prefetch(ra + c + W + ahead, 0, 3);
+      __builtin_prefetch(rb + c + ahead, 0, 3);
+      __builtin_prefetch(rb + c + W + ahead, 0, 3);
+      acc_a[0] += S::load(x_a + c) * S::load(ra + c);
+      acc_a[1] += S::load(x_a + c + W) * S::load(ra + c + W);
+      acc_b[0] += S::load(x_b + c) * S::load(rb + c);
+      acc_b[1] += S::load(x_b + c + W) * S::load(rb + c + W);
+    }
+    acc_t sa = S::sum(acc_a[0] + acc_a[1]), sb = S::sum(acc_b[0] + acc_b[1]);
+    for (; c < d; ++c) {
+      sa += x_a[c] * ra[c];
+      sb += x_b[c] * rb[c];
+    }
+    t_a[j] = sa;
+    t_b[j] = sb;
+  }
+}
+
+// y_a[n] (+)= sum_j t_a[j] * bt_a[j][n] and the same for b, for n < d_out (with `write`, y is not
+// read: the first rank row's products are stored).
+template <typename acc_t>
+inline void expand_rows_pair(const acc_t* t_a, const acc_t* bt_a, acc_t* y_a, const acc_t* t_b, const acc_t* bt_b,
+                             acc_t* y_b, int64_t k, int64_t d_out, bool write) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  constexpr int64_t ahead = kStreamPrefetchBytes / sizeof(acc_t);
+  for (int64_t j = 0; j < k; ++j) {
+    const acc_t* ra = bt_a + j * d_out;
+    const acc_t* rb = bt_b + j * d_out;
+    const bool fresh = write && j == 0;
+    const acc_t ta = t_a[j], tb = t_b[j];
+    int64_t n = 0;
+    for (; n + W <= d_out; n += W) {
+      __builtin_prefetch(ra + n + ahead, 0, 3);
+      __builtin_prefetch(rb + n + ahead, 0, 3);
+      S::store(y_a + n, (fresh ? V{} : S::load(y_a + n)) + S::load(ra + n) * ta);
+      S::store(y_b + n, (fresh ? V{} : S::load(y_b + n)) + S::load(rb + n) * tb);
+    }
+    for (; n < d_out; ++n) {
+      y_a[n] = (fresh ? acc_t(0) : y_a[n]) + ta * ra[n];
+      y_b[n] = (fresh ? acc_t(0) : y_b[n]) + tb * rb[n];
+    }
+  }
+}
+
 // Calls f(std::integral_constant<int, M>{}) with M = m, for m in [1, LF_TOKENS_PER_TILE].
 template <typename F>
 inline void with_token_count(int m, F&& f) {
@@ -524,6 +589,30 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
     }
 
     const bool stream = item.slot_tokens <= kStreamTokens;
+    // Decode: this slot's one token and the next item's, from another slot of the same rank,
+    // through the paired streams (weights read in place; the second slot's too).
+    if constexpr (mode == Mode::kDelta && !convert) {
+      if (stream && item.count == 1 && p.b_rank_major && p.t == nullptr && k <= kMaxTileRank &&
+          it + 1 < num_items) {
+        const WorkItem& other = items[it + 1];
+        const int64_t slot_b = other.slot;
+        if (other.count == 1 && other.slot_tokens <= kStreamTokens && slot_b != slot && p.ranks[slot_b] == k) {
+          const int64_t token_a = p.token_order[item.begin], token_b = p.token_order[other.begin];
+          acc_t t_a[kMaxTileRank], t_b[kMaxTileRank];
+          shrink_rows_pair(p.x + token_a * p.x_row_stride, a, p.x + token_b * p.x_row_stride,
+                           p.A + slot_b * p.r_max * p.d_in, k, p.d_in, t_a, t_b);
+          const acc_t scale_b = p.scales ? p.scales[slot_b] : acc_t(1);
+          for (int64_t j = 0; j < k; ++j) {
+            t_a[j] *= scale;
+            t_b[j] *= scale_b;
+          }
+          expand_rows_pair(t_a, bt, p.out + token_a * p.out_row_stride, t_b, p.B + slot_b * p.d_out * p.r_max,
+                           p.out + token_b * p.out_row_stride, k, p.d_out, p.overwrite);
+          ++it;  // the next item is done (loaded_slot still names this slot's in-place weights)
+          continue;
+        }
+      }
+    }
     // (padding a rank to whole vectors must not cost more than a quarter of the work)
     const int64_t kp = (k + W - 1) / W * W;
     const bool lanes = has_shrink && item.slot_tokens >= kLanesTokens && 4 * (kp - k) <= k;

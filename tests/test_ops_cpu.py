@@ -285,6 +285,36 @@ def test_streamed_and_tiled_slots_in_one_batch(isa, dtype, rank_major):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
+@pytest.mark.parametrize("written", [False, True], ids=["added", "written"])
+def test_decode_slots_in_pairs(isa, dtype, rank_major, written):
+    # One token per slot (decode): consecutive one-token slots of one rank stream their weights in
+    # pairs (float32 / float64 with B rank-major). A rank change, a two-token slot, ranks above
+    # the 64-column pass and a -1 token break the pairs; widths reach every tail.
+    counts = [1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    ids = torch.cat([torch.full((n,), slot) for slot, n in enumerate(counts)] + [torch.full((1,), -1)])
+    ids = ids[torch.randperm(len(ids))]
+    c = random_case(len(ids), len(counts), 83, 71, 72, dtype=dtype, ids=ids)
+    c["ranks"] = torch.tensor([16, 16, 16, 8, 8, 16, 72, 72, 13, 13])
+    B = c["B"].transpose(1, 2).contiguous().transpose(1, 2) if rank_major else c["B"]
+    start = torch.randn(len(ids), 71, dtype=torch.float64).to(dtype)
+    delta = expected_delta(c)
+    with lora_fast.use_backend("cpu"):
+        if written:
+            got = lora_fast.lora_delta(c["x"], c["A"], B, c["batch"], c["scales"], c["ranks"])
+            assert_close(got, delta, dtype)
+        else:
+            out = lora_fast.lora_delta(
+                c["x"], c["A"], B, c["batch"], c["scales"], c["ranks"], out=start.clone()
+            )
+            assert_close(out, start.double() + delta, dtype, magnitude=float(delta.abs().max()) + 4)
+        if dtype in (torch.float32, torch.float64) and written:  # the decode layer's own kernel
+            W = torch.randn(71, 83, dtype=torch.float64).div(83**0.5).to(dtype)
+            y = lora_fast.fused_lora_linear(c["x"], W, None, c["A"], B, c["batch"], c["scales"], c["ranks"])
+            assert_close(y, c["x"].double() @ W.double().T + delta, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
 def test_written_delta_and_expand_overwrite_a_poisoned_out(isa, dtype, rank_major):
     # accumulate=False (an out-of-place delta): the kernels write every row instead of adding,
     # zeros for -1 tokens and rank-0 slots, so out may hold anything before; the counts cover the
