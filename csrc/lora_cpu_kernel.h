@@ -191,9 +191,9 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
 
 // The shrink of a slot with at least kLanesTokens tokens, GEMM style: the ranks lie across the
 // vector lanes. `at` is the slot's A transposed, [d][kp] (kp: the rank rounded up to whole
-// vectors, the padding zero), so each step along d loads G vectors of A and multiplies them by
-// each token's x element (a broadcast the FMA takes from memory): x is read once per tile of M
-// tokens and no lanes are summed across. (The dot-product tiles of shrink_tokens keep A in place
+// vectors; the padding lanes hold anything, the t columns they make are never read), so each
+// step along d loads G vectors of A and multiplies them by each token's x element (a broadcast
+// the FMA takes from memory): x is read once per tile of M tokens and no lanes are summed across. (The dot-product tiles of shrink_tokens keep A in place
 // but end every tile with horizontal sums: on rank-16 slots of 32-64 tokens this shrink, the
 // transpose included, takes 0.7-0.85x of their time; see kLanesTokens.)
 // t[i * ldt + j] for i < M, j < G * lanes.
