@@ -542,6 +542,20 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
   std::vector<acc_t> t_item;
   std::vector<acc_t> y_pad;
   int64_t packed_slot = -1;
+  // x_rows[i] for m tokens: x's own rows, or (converting) x_buf's, filled when `fill` is set (a
+  // later rank pass over the same tokens reuses them)
+  auto gather_x = [&](const int64_t* tokens, int m, bool fill, const acc_t** x_rows) {
+    for (int i = 0; i < m; ++i) {
+      const scalar_t* row = p.x + tokens[i] * p.x_row_stride;
+      if constexpr (convert) {
+        if (fill)
+          for (int64_t c = 0; c < in_width; ++c) x_buf[i * in_width + c] = static_cast<acc_t>(row[c]);
+        x_rows[i] = x_buf.data() + i * in_width;
+      } else {
+        x_rows[i] = row;
+      }
+    }
+  };
 
   for (int64_t it = 0; it < num_items; ++it) {
     const WorkItem& item = items[it];
@@ -641,15 +655,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
         a_next.step();
         const int m = static_cast<int>(std::min<int64_t>(LF_LANES_TM, item.count - first));
         const acc_t* x_rows[LF_LANES_TM];
-        for (int i = 0; i < m; ++i) {
-          const scalar_t* row = p.x + tokens[first + i] * p.x_row_stride;
-          if constexpr (convert) {
-            for (int64_t c = 0; c < in_width; ++c) x_buf[i * in_width + c] = static_cast<acc_t>(row[c]);
-            x_rows[i] = x_buf.data() + i * in_width;
-          } else {
-            x_rows[i] = row;
-          }
-        }
+        gather_x(tokens + first, m, true, x_rows);
         for (int i = m; i < LF_LANES_TM; ++i) x_rows[i] = x_rows[m - 1];  // padding: t rows past the item
         acc_t* t_rows = t_item.data() + first * ldt_item;
         if (m > 4 || LF_LANES_TM == 4)
@@ -691,16 +697,7 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
           ldt = ldt_item;
         } else if constexpr (has_shrink) {
           const acc_t* x_rows[TM];
-          for (int i = 0; i < m; ++i) {
-            const scalar_t* row = p.x + tokens[i] * p.x_row_stride;
-            if constexpr (convert) {
-              if (j0 == 0)
-                for (int64_t c = 0; c < in_width; ++c) x_buf[i * in_width + c] = static_cast<acc_t>(row[c]);
-              x_rows[i] = x_buf.data() + i * in_width;
-            } else {
-              x_rows[i] = row;
-            }
-          }
+          gather_x(tokens, m, j0 == 0, x_rows);
           const acc_t* a_piece = a + j0 * in_width;
           shrink<acc_t>(stream, m, x_rows, a_piece, kj, in_width, t_buf, kMaxTileRank);
           if (p.t != nullptr)
