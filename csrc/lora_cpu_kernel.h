@@ -860,29 +860,41 @@ void run_weight_grad_items(const WeightGradProblem<scalar_t, acc_t>& p, const We
 // fused_lora_linear for few tokens: y = x W^T + bias, then the LoRA delta (run_items) added into
 // the y rows while they are still in cache, in one call. At decode sizes a GEMM library spends
 // much of its time on packing and edge handling; these register tiles read W in place, two
-// tokens at a time, prefetching the next tile's W rows.
+// tokens at a time. W comes from memory once per call (a decode step's weights are far larger
+// than the caches), so the kernel is bound by how much of that read overlaps the arithmetic: each
+// pass of TM tokens over a block of TN weight rows prefetches its share of the next block's rows
+// (spread over every pass, not issued at once: a burst of prefetches fills the core's miss
+// buffers and stalls the tile that issued them), and a long row is cut into column chunks so
+// that a block's rows and the tokens' x stay in L1 across the passes.
 
-// y_rows[i][j] = bias[j] + dot(x_rows[i], w[j * K : (j + 1) * K]) for i < M tokens, j < TN
-// weight rows (bias may be null). With next_w set, also prefetches the same columns of the next
-// TN rows: the next tile's W arrives while this one computes.
+// y_rows[i][j] = bias[j] + dot(x_rows[i], w[j * K : (j + 1) * K]) for i < M tokens, j < TN weight
+// rows (bias may be null), over columns [c0, c1) of this call: the first chunk starts the sums,
+// the others continue those kept in `carry` (M * TN vectors of acc_t); the last one (c1 == K) adds the
+// columns past the last whole vector and writes y. Prefetches the same columns of the pf_count
+// rows at pf_rows (K apart) meanwhile.
 template <typename acc_t, int M, int TN>
-inline void linear_tile(const acc_t* const* x_rows, const acc_t* w, int64_t K, const acc_t* bias,
-                        acc_t* const* y_rows, const acc_t* next_w) {
+inline void linear_tile(const acc_t* const* x_rows, const acc_t* w, int64_t K, int64_t c0, int64_t c1,
+                        acc_t* carry, const acc_t* bias, acc_t* const* y_rows,
+                        const acc_t* pf_rows, int pf_count) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
   V acc[M][TN];
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < TN; ++j) acc[i][j] = V{};
-  int64_t c = 0;
-  for (; c + S::lanes <= K; c += S::lanes) {
+    for (int j = 0; j < TN; ++j) acc[i][j] = c0 == 0 ? V{} : S::load(carry + (i * TN + j) * S::lanes);
+  int64_t c = c0;
+  for (; c + S::lanes <= c1; c += S::lanes) {
     V wv[TN];
     for (int j = 0; j < TN; ++j) wv[j] = S::load(w + j * K + c);
-    if (next_w != nullptr)
-      for (int j = 0; j < TN; ++j) __builtin_prefetch(next_w + j * K + c, 0, 3);
+    for (int j = 0; j < pf_count; ++j) __builtin_prefetch(pf_rows + j * K + c, 0, 2);
     for (int i = 0; i < M; ++i) {
       const V xv = S::load(x_rows[i] + c);
       for (int j = 0; j < TN; ++j) acc[i][j] += xv * wv[j];
     }
+  }
+  if (c1 < K) {
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < TN; ++j) S::store(carry + (i * TN + j) * S::lanes, acc[i][j]);
+    return;
   }
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < TN; ++j) {
@@ -899,33 +911,49 @@ void run_linear_rows(const Problem<acc_t, acc_t>& p, int64_t num_tokens, const a
                      int64_t n_begin, int64_t n_end) {
   constexpr int TM = LF_LINEAR_TM;
   constexpr int TN = LF_LINEAR_TN;
+  constexpr int64_t lanes = Simd<acc_t>::lanes;
   static_assert(TM == 2, "the token tail below is a single token");
   const int64_t K = p.d_in;
-  // Blocks of TN weight rows (the tail rows one by one), tokens TM at a time inside each block,
-  // so a block's rows stay in L1 for every token.
+  const int64_t passes = (num_tokens + TM - 1) / TM;
+  // whole rows up to kLinearChunkMaxBytes, else chunks of kLinearChunkBytes (whole vectors)
+  const int64_t chunk = K * int64_t(sizeof(acc_t)) <= kLinearChunkMaxBytes
+                            ? K
+                            : kLinearChunkBytes / int64_t(sizeof(acc_t)) / lanes * lanes;
+  std::vector<acc_t> carry(chunk < K ? passes * TM * TN * lanes : 0);
+  // the next block's TN rows, rows_per_pass of them prefetched by each pass of TM tokens
+  const int rows_per_pass = static_cast<int>((TN + passes - 1) / passes);
+  // Blocks of TN weight rows (the tail rows one by one), then column chunks, then tokens TM at a
+  // time, so a block's rows stay in L1 for every token.
   for (int64_t n = n_begin; n < n_end;) {
     const int tn = n + TN <= n_end ? TN : 1;
     const acc_t* w = W + n * K;
     const acc_t* b = bias != nullptr ? bias + n : nullptr;
     const acc_t* next_w = tn == TN && n + 2 * TN <= n_end ? w + TN * K : nullptr;
-    for (int64_t i0 = 0; i0 < num_tokens; i0 += TM) {
-      const int m = static_cast<int>(std::min<int64_t>(TM, num_tokens - i0));
-      const acc_t* x_rows[TM] = {};
-      acc_t* y_rows[TM] = {};
-      for (int i = 0; i < m; ++i) {
-        x_rows[i] = p.x + (i0 + i) * p.x_row_stride;
-        y_rows[i] = p.out + (i0 + i) * p.out_row_stride + n;
-      }
-      const acc_t* pf = i0 == 0 ? next_w : nullptr;
-      if (tn == TN) {
-        if (m == TM)
-          linear_tile<acc_t, TM, TN>(x_rows, w, K, b, y_rows, pf);
-        else
-          linear_tile<acc_t, 1, TN>(x_rows, w, K, b, y_rows, pf);
-      } else if (m == TM) {
-        linear_tile<acc_t, TM, 1>(x_rows, w, K, b, y_rows, nullptr);
-      } else {
-        linear_tile<acc_t, 1, 1>(x_rows, w, K, b, y_rows, nullptr);
+    for (int64_t c0 = 0; c0 < K; c0 += chunk) {
+      const int64_t c1 = std::min(K, c0 + chunk);
+      for (int64_t i0 = 0; i0 < num_tokens; i0 += TM) {
+        const int m = static_cast<int>(std::min<int64_t>(TM, num_tokens - i0));
+        const acc_t* x_rows[TM] = {};
+        acc_t* y_rows[TM] = {};
+        for (int i = 0; i < m; ++i) {
+          x_rows[i] = p.x + (i0 + i) * p.x_row_stride;
+          y_rows[i] = p.out + (i0 + i) * p.out_row_stride + n;
+        }
+        const int64_t pass = i0 / TM;
+        acc_t* pass_carry = carry.empty() ? nullptr : carry.data() + pass * TM * TN * lanes;
+        const int first_row = static_cast<int>(std::min<int64_t>(TN, pass * rows_per_pass));
+        const int pf_count = next_w != nullptr ? std::min(rows_per_pass, TN - first_row) : 0;
+        const acc_t* pf = next_w != nullptr ? next_w + first_row * K : nullptr;
+        if (tn == TN) {
+          if (m == TM)
+            linear_tile<acc_t, TM, TN>(x_rows, w, K, c0, c1, pass_carry, b, y_rows, pf, pf_count);
+          else
+            linear_tile<acc_t, 1, TN>(x_rows, w, K, c0, c1, pass_carry, b, y_rows, pf, pf_count);
+        } else if (m == TM) {
+          linear_tile<acc_t, TM, 1>(x_rows, w, K, c0, c1, pass_carry, b, y_rows, nullptr, 0);
+        } else {
+          linear_tile<acc_t, 1, 1>(x_rows, w, K, c0, c1, pass_carry, b, y_rows, nullptr, 0);
+        }
       }
     }
     n += tn;

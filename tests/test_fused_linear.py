@@ -10,13 +10,15 @@ from .helpers import assert_close, count_fused_kernel_calls, random_case, torch_
 
 SHAPES = [
     # T, S, d_in, d_out, r_max: no tokens, odd widths and token counts, a rank above the
-    # 64-column pass, the largest token count the kernel takes, an output narrower than a tile
+    # 64-column pass, the largest token count the kernel takes, an output narrower than a tile,
+    # rows long enough for the base GEMM's column chunks (a short last chunk with a scalar tail)
     (0, 2, 5, 4, 3),
     (1, 1, 7, 5, 3),
     (2, 3, 40, 33, 8),
     (9, 4, 97, 161, 80),
     (ops.FUSED_MAX_TOKENS, 5, 64, 19, 16),
     (5, 2, 3, 1, 2),
+    (7, 3, 1001, 45, 8),
 ]
 
 
