@@ -18,6 +18,8 @@ constexpr int64_t kMaxTileRank = 64;
 // (shrink_rows / expand_rows) rather than in register tiles: measured on a 1-thread AMD EPYC
 // decode sweep, streaming wins at 1-3 tokens per slot and tiling from 4.
 constexpr int64_t kStreamTokens = 3;
+// One-token slots of one rank streamed side by side in a decode call (see shrink_rows_multi).
+constexpr int kStreamSlots = 4;
 // The streamed (decode) shrink and expand prefetch this far ahead in the weight rows they read,
 // into every cache level (the hardware prefetcher restarts at every 4 KB page of these short
 // per-slot streams). On an Intel Xeon, one thread, a SmolLM2-shaped delta phase (30 layers x 7

@@ -286,15 +286,16 @@ def test_streamed_and_tiled_slots_in_one_batch(isa, dtype, rank_major):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank_major", [False, True], ids=["B", "B_rank_major"])
 @pytest.mark.parametrize("written", [False, True], ids=["added", "written"])
-def test_decode_slots_in_pairs(isa, dtype, rank_major, written):
+def test_decode_slots_in_groups(isa, dtype, rank_major, written):
     # One token per slot (decode): consecutive one-token slots of one rank stream their weights in
-    # pairs (float32 / float64 with B rank-major). A rank change, a two-token slot, ranks above
-    # the 64-column pass and a -1 token break the pairs; widths reach every tail.
-    counts = [1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    # groups of up to four (float32 / float64 with B rank-major): five slots of rank 16 make a
+    # group of four and a single, then a group of three and a pair. A rank change, a two-token
+    # slot, ranks above the 64-column pass and a -1 token break the groups; widths reach every tail.
+    counts = [1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
     ids = torch.cat([torch.full((n,), slot) for slot, n in enumerate(counts)] + [torch.full((1,), -1)])
     ids = ids[torch.randperm(len(ids))]
     c = random_case(len(ids), len(counts), 83, 71, 72, dtype=dtype, ids=ids)
-    c["ranks"] = torch.tensor([16, 16, 16, 8, 8, 16, 72, 72, 13, 13])
+    c["ranks"] = torch.tensor([16, 16, 16, 16, 16, 8, 8, 8, 16, 72, 72, 13, 13, 16])
     B = c["B"].transpose(1, 2).contiguous().transpose(1, 2) if rank_major else c["B"]
     start = torch.randn(len(ids), 71, dtype=torch.float64).to(dtype)
     delta = expected_delta(c)
