@@ -28,9 +28,10 @@ BACKWARD_BACKENDS = ("torch", "cpu", "triton")
 # SmolLM2's seven projections (16 adapters of rank 16) the kernel beat MKL's GEMM plus
 # lora_delta at 1-32 tokens on one thread (tied at 64), and with two threads only at 1-4 tokens
 # (its base GEMM does not scale there as MKL's does). On the Intel Xeon, one thread, after its
-# base GEMM learned to overlap the weight reads (30 layers of those projections, weights from
-# memory), it took 0.58 / 0.82 / 0.89 / 0.98 of MKL plus lora_delta at 16 / 32 / 48 / 64 tokens.
-FUSED_MAX_TOKENS = 64
+# base GEMM learned to overlap the weight reads (`benchmarks.bench_fused_linear`, 30 layers),
+# it took 0.95 / 0.85 of MKL plus lora_delta at 40 tokens of 1 / 16 adapters and 0.90 / 0.98 at
+# 48 / 64 tokens of 16, but 1.05 / 1.13 at 48 / 64 tokens of one adapter.
+FUSED_MAX_TOKENS = 40
 FUSED_MAX_TOKENS_THREADED = 4
 _CPU = torch.device("cpu")
 
