@@ -189,6 +189,29 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
   }
 }
 
+// The register tile both GEMM-style passes share: acc[i][g] = sum over s < steps of
+// coef_rows[i][s] * b[s * ld_b + g * lanes : + lanes], for M rows of coefficients (each element a
+// broadcast the FMA takes from memory) and G vectors of b per step.
+template <typename acc_t, int M, int G>
+inline void lanes_tile_sums(const acc_t* const* coef_rows, const acc_t* b, int64_t ld_b, int64_t steps,
+                            typename Simd<acc_t>::vec (&acc)[M][G]) {
+  using S = Simd<acc_t>;
+  using V = typename S::vec;
+  constexpr int W = S::lanes;
+  for (int i = 0; i < M; ++i)
+    for (int g = 0; g < G; ++g) acc[i][g] = V{};
+  // (unrolled so that the M row pointers advance once per four steps, not once per step)
+#pragma GCC unroll 4
+  for (int64_t s = 0; s < steps; ++s) {
+    V bv[G];
+    for (int g = 0; g < G; ++g) bv[g] = S::load(b + s * ld_b + g * W);
+    for (int i = 0; i < M; ++i) {
+      const acc_t coef = coef_rows[i][s];
+      for (int g = 0; g < G; ++g) acc[i][g] += bv[g] * coef;
+    }
+  }
+}
+
 // The shrink of a slot with at least kLanesTokens tokens, GEMM style: the ranks lie across the
 // vector lanes. `at` is the slot's A transposed, [d][kp] (kp: the rank rounded up to whole
 // vectors; the padding lanes hold anything, the t columns they make are never read), so each
@@ -202,22 +225,10 @@ inline void shrink_lanes_tile(const acc_t* const* x_rows, const acc_t* at, int64
                               int64_t ldt) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
-  constexpr int W = S::lanes;
   V acc[M][G];
+  lanes_tile_sums<acc_t, M, G>(x_rows, at, kp, d, acc);
   for (int i = 0; i < M; ++i)
-    for (int g = 0; g < G; ++g) acc[i][g] = V{};
-  // (unrolled so that the M row pointers advance once per four steps, not once per step)
-#pragma GCC unroll 4
-  for (int64_t c = 0; c < d; ++c) {
-    V a[G];
-    for (int g = 0; g < G; ++g) a[g] = S::load(at + c * kp + g * W);
-    for (int i = 0; i < M; ++i) {
-      const acc_t xs = x_rows[i][c];
-      for (int g = 0; g < G; ++g) acc[i][g] += a[g] * xs;
-    }
-  }
-  for (int i = 0; i < M; ++i)
-    for (int g = 0; g < G; ++g) S::store(t + i * ldt + g * W, acc[i][g]);
+    for (int g = 0; g < G; ++g) S::store(t + i * ldt + g * S::lanes, acc[i][g]);
 }
 
 // t rows of M tokens over all kp ranks: pairs of vectors, then a last single one.
@@ -256,17 +267,10 @@ inline void expand_lanes_tile(const acc_t* t, int64_t ldt, const acc_t* bt, int6
   using S = Simd<acc_t>;
   using V = typename S::vec;
   constexpr int W = S::lanes;
+  const acc_t* t_rows[M];
+  for (int i = 0; i < M; ++i) t_rows[i] = t + i * ldt;
   V acc[M][NV];
-  for (int i = 0; i < M; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
-  for (int64_t j = 0; j < k; ++j) {
-    V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = S::load(bt + j * ld_bt + v * W);
-    for (int i = 0; i < M; ++i) {
-      const acc_t ts = t[i * ldt + j];
-      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * ts;
-    }
-  }
+  lanes_tile_sums<acc_t, M, NV>(t_rows, bt, ld_bt, k, acc);
   for (int i = 0; i < M; ++i)
     for (int v = 0; v < NV; ++v) {
       acc_t* y = y_rows[i] + v * W;
