@@ -216,9 +216,10 @@ inline void lanes_tile_sums(const acc_t* const* coef_rows, const acc_t* b, int64
 // vector lanes. `at` is the slot's A transposed, [d][kp] (kp: the rank rounded up to whole
 // vectors; the padding lanes hold anything, the t columns they make are never read), so each
 // step along d loads G vectors of A and multiplies them by each token's x element (a broadcast
-// the FMA takes from memory): x is read once per tile of M tokens and no lanes are summed across. (The dot-product tiles of shrink_tokens keep A in place
-// but end every tile with horizontal sums: on rank-16 slots of 32-64 tokens this shrink, the
-// transpose included, takes 0.7-0.85x of their time; see kLanesTokens.)
+// the FMA takes from memory): x is read once per tile of M tokens and no lanes are summed
+// across. (The dot-product tiles of shrink_tokens keep A in place but end every tile with
+// horizontal sums: on rank-16 slots of 32-64 tokens this shrink, the transpose included, takes
+// 0.7-0.85x of their time; see kLanesTokens.)
 // t[i * ldt + j] for i < M, j < G * lanes.
 template <typename acc_t, int M, int G>
 inline void shrink_lanes_tile(const acc_t* const* x_rows, const acc_t* at, int64_t kp, int64_t d, acc_t* t,
