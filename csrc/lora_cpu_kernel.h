@@ -191,24 +191,36 @@ inline void expand_rows(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k,
 
 // The register tile both GEMM-style passes share: acc[i][g] = sum over s < steps of
 // coef_rows[i][s] * b[s * ld_b + g * lanes : + lanes], for M rows of coefficients (each element a
-// broadcast the FMA takes from memory) and G vectors of b per step.
+// broadcast the FMA takes from memory) and G vectors of b per step. With `next_rows`, M rows that
+// the next tile takes as its coefficients, each block of kBlock steps also prefetches (into L2)
+// the piece of them that block consumes of its own rows. (A shrink tile reads its tokens' x rows
+// as M short streams, a few KB each, which the hardware prefetcher picks up too late: on the Intel
+// Xeon, a prefill-shaped delta over 16 slots of 32 tokens took 1.4x as long with x beyond L2 as
+// with x in L2.) The prefetches sit between blocks, outside the unrolled loop, whose M row
+// pointers and accumulators use up the registers.
 template <typename acc_t, int M, int G>
 inline void lanes_tile_sums(const acc_t* const* coef_rows, const acc_t* b, int64_t ld_b, int64_t steps,
-                            typename Simd<acc_t>::vec (&acc)[M][G]) {
+                            typename Simd<acc_t>::vec (&acc)[M][G], const acc_t* const* next_rows = nullptr) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
   constexpr int W = S::lanes;
+  constexpr int64_t kBlock = 64 / sizeof(acc_t);  // steps per block: a line of each row
   for (int i = 0; i < M; ++i)
     for (int g = 0; g < G; ++g) acc[i][g] = V{};
-  // (unrolled so that the M row pointers advance once per four steps, not once per step)
+  for (int64_t s0 = 0; s0 < steps; s0 += kBlock) {
+    const int64_t end = std::min(steps, s0 + kBlock);
+    // (unrolled so that the M row pointers advance once per four steps, not once per step)
 #pragma GCC unroll 4
-  for (int64_t s = 0; s < steps; ++s) {
-    V bv[G];
-    for (int g = 0; g < G; ++g) bv[g] = S::load(b + s * ld_b + g * W);
-    for (int i = 0; i < M; ++i) {
-      const acc_t coef = coef_rows[i][s];
-      for (int g = 0; g < G; ++g) acc[i][g] += bv[g] * coef;
+    for (int64_t s = s0; s < end; ++s) {
+      V bv[G];
+      for (int g = 0; g < G; ++g) bv[g] = S::load(b + s * ld_b + g * W);
+      for (int i = 0; i < M; ++i) {
+        const acc_t coef = coef_rows[i][s];
+        for (int g = 0; g < G; ++g) acc[i][g] += bv[g] * coef;
+      }
     }
+    if (next_rows != nullptr)
+      for (int i = 0; i < M; ++i) __builtin_prefetch(next_rows[i] + s0, 0, 2);
   }
 }
 
@@ -221,25 +233,28 @@ inline void lanes_tile_sums(const acc_t* const* coef_rows, const acc_t* b, int64
 // horizontal sums: on rank-16 slots of 32-64 tokens this shrink, the transpose included, takes
 // 0.7-0.85x of their time; see kLanesTokens.)
 // t[i * ldt + j] for i < M, j < G * lanes.
+// `next_rows`: the x rows of the tile after this one, prefetched as it goes (or nullptr).
 template <typename acc_t, int M, int G>
 inline void shrink_lanes_tile(const acc_t* const* x_rows, const acc_t* at, int64_t kp, int64_t d, acc_t* t,
-                              int64_t ldt) {
+                              int64_t ldt, const acc_t* const* next_rows) {
   using S = Simd<acc_t>;
   using V = typename S::vec;
   V acc[M][G];
-  lanes_tile_sums<acc_t, M, G>(x_rows, at, kp, d, acc);
+  lanes_tile_sums<acc_t, M, G>(x_rows, at, kp, d, acc, next_rows);
   for (int i = 0; i < M; ++i)
     for (int g = 0; g < G; ++g) S::store(t + i * ldt + g * S::lanes, acc[i][g]);
 }
 
-// t rows of M tokens over all kp ranks: pairs of vectors, then a last single one.
+// t rows of M tokens over all kp ranks: pairs of vectors, then a last single one (the first of
+// them prefetches `next_rows`, the next tile's x rows, when given).
 template <typename acc_t, int M>
 inline void shrink_lanes(const acc_t* const* x_rows, const acc_t* at, int64_t kp, int64_t d, acc_t* t,
-                         int64_t ldt) {
+                         int64_t ldt, const acc_t* const* next_rows) {
   constexpr int W = Simd<acc_t>::lanes;
   int64_t v = 0;
-  for (; v + 2 * W <= kp; v += 2 * W) shrink_lanes_tile<acc_t, M, 2>(x_rows, at + v, kp, d, t + v, ldt);
-  if (v < kp) shrink_lanes_tile<acc_t, M, 1>(x_rows, at + v, kp, d, t + v, ldt);
+  for (; v + 2 * W <= kp; v += 2 * W, next_rows = nullptr)
+    shrink_lanes_tile<acc_t, M, 2>(x_rows, at + v, kp, d, t + v, ldt, next_rows);
+  if (v < kp) shrink_lanes_tile<acc_t, M, 1>(x_rows, at + v, kp, d, t + v, ldt, next_rows);
 }
 
 // Issues software prefetches (into L2) for a byte range, a share of it at each step: run_items
@@ -281,15 +296,22 @@ inline void expand_lanes_tile(const acc_t* t, int64_t ldt, const acc_t* bt, int6
 
 // The item's `count` tokens (y_rows holds LF_LANES_TM - 1 more, padding that points at scratch):
 // blocks of output columns outer, token tiles inner, so a block's B^T rows stay in L1 while every
-// tile of the item uses them.
+// tile of the item uses them. Each tile prefetches its rows' piece of the next column block: the
+// y rows of a prefill come from L2 or beyond (a 32-token item's rows at 576 columns are 72 KB),
+// and a tile touches a few lines of each of its rows at a time, which the hardware prefetcher
+// does not follow.
 template <typename acc_t, int NV>
 inline int64_t expand_lanes_columns(const acc_t* t, int64_t ldt, const acc_t* bt, int64_t k, int64_t d_out,
                                     int64_t n, acc_t* const* y_rows, int64_t count, bool write, Prefetcher& pf) {
   constexpr int W = Simd<acc_t>::lanes;
+  constexpr int kLine = 64 / static_cast<int>(sizeof(acc_t));
   for (; n + NV * W <= d_out; n += NV * W) {
     for (int64_t first = 0; first < count; first += LF_LANES_TM) {
       acc_t* y[LF_LANES_TM];
       for (int i = 0; i < LF_LANES_TM; ++i) y[i] = y_rows[first + i] + n;
+      // (past the last block this reaches into the next row, or past the end: a prefetch never faults)
+      for (int i = 0; i < LF_LANES_TM; ++i)
+        for (int c = 0; c < NV * W; c += kLine) __builtin_prefetch(y[i] + NV * W + c, 1, 3);
       if (count - first > 4 || LF_LANES_TM == 4)
         expand_lanes_tile<acc_t, LF_LANES_TM, NV>(t + first * ldt, ldt, bt + n, d_out, k, y, write);
       else
@@ -685,11 +707,31 @@ void run_items(const Problem<scalar_t, acc_t>& p, const WorkItem* items, int64_t
         const acc_t* x_rows[LF_LANES_TM];
         gather_x(tokens + first, m, true, x_rows);
         for (int i = m; i < LF_LANES_TM; ++i) x_rows[i] = x_rows[m - 1];  // padding: t rows past the item
+        // The x rows of the next tile, this item's or the next item's first (read in place only),
+        // prefetched during this one.
+        const acc_t* next_rows[LF_LANES_TM];
+        const acc_t* const* prefetch = nullptr;
+        if constexpr (!convert) {
+          const int64_t* next_tokens = nullptr;
+          int64_t next_count = 0;
+          if (first + LF_LANES_TM < item.count) {
+            next_tokens = tokens + first + LF_LANES_TM;
+            next_count = item.count - first - LF_LANES_TM;
+          } else if (it + 1 < num_items) {
+            next_tokens = p.token_order + items[it + 1].begin;
+            next_count = items[it + 1].count;
+          }
+          if (next_count > 0) {
+            const int n = static_cast<int>(std::min<int64_t>(LF_LANES_TM, next_count));
+            for (int i = 0; i < LF_LANES_TM; ++i) next_rows[i] = p.x + next_tokens[std::min(i, n - 1)] * p.x_row_stride;
+            prefetch = next_rows;
+          }
+        }
         acc_t* t_rows = t_item.data() + first * ldt_item;
         if (m > 4 || LF_LANES_TM == 4)
-          shrink_lanes<acc_t, LF_LANES_TM>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item);
+          shrink_lanes<acc_t, LF_LANES_TM>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item, prefetch);
         else
-          shrink_lanes<acc_t, 4>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item);
+          shrink_lanes<acc_t, 4>(x_rows, at_buf.data(), kp, in_width, t_rows, ldt_item, prefetch);
       }
       for (int64_t i = 0; i < item.count; ++i) {
         acc_t* t_row = t_item.data() + i * ldt_item;
