@@ -601,6 +601,19 @@ def lora_delta(
     return out
 
 
+def _fused_cpu_kernel_runs(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
+    """True when :func:`fused_lora_linear` runs these tensors through the C++ CPU kernel directly
+    (``torch.ops.lora_fast_C.fused_lora_linear``, no autograd, nothing else around it)."""
+    dtype = x.dtype
+    return (
+        x.is_cpu
+        and (dtype == torch.float32 or dtype == torch.float64)
+        and x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
+        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
+        and select(_CPU, dtype) == "cpu"
+    )
+
+
 def fused_lora_linear(
     x: Tensor,
     W: Tensor,
@@ -633,13 +646,7 @@ def fused_lora_linear(
         _check_delta_args(x, A, B, batch, scales, ranks, None, None)
         _check_linear_args(x, W, bias, B, batch)
     dtype = x.dtype
-    if (
-        x.is_cpu
-        and (dtype == torch.float32 or dtype == torch.float64)
-        and x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
-        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
-        and select(_CPU, dtype) == "cpu"
-    ):
+    if _fused_cpu_kernel_runs(x, W, bias, A, B):
         # (the kernel converts ranks to int64 itself)
         return _compiled().fused_lora_linear(
             x, W, bias, A, B, batch.token_order, batch.segment_starts, batch.segment_lengths, scales, ranks

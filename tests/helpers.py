@@ -103,8 +103,22 @@ def torch_threads(count: int):
 
 def count_fused_kernel_calls(monkeypatch) -> list[int]:
     """A list that records the token count of every fused_lora_linear kernel call lora_fast.ops
-    makes from now on (the composed path records nothing)."""
-    calls: list[int] = []
+    makes from now on (the composed path records nothing); ``calls.short`` counts those of
+    accelerated PEFT layers' short path (a call repeating the layer's last one), which calls the
+    kernel itself."""
+    from lora_fast.integrations import peft as peft_integration
+
+    class Calls(list):
+        short = 0
+
+    calls = Calls()
+
+    def short_path(*args):
+        calls.short += 1
+        calls.append(args[0].shape[0])
+        return torch.ops.lora_fast_C.fused_lora_linear.default(*args)
+
+    monkeypatch.setattr(peft_integration, "_FUSED_OP", [short_path])
     compiled = lora_fast.ops._compiled
 
     class Counting:

@@ -92,6 +92,13 @@ def test_decode_batches_on_one_thread_run_the_fused_kernel_and_match_peft(monkey
                 got = logits(fast, ids, adapter_names=names)
             assert len(calls) == 2 * 7 + 1, calls
             assert_same(got, expected)
+            # the same call again: every layer but the forward's first takes the short path
+            with lora_fast.use_backend("cpu"):
+                calls.clear()
+                again = logits(fast, ids, adapter_names=names)
+            assert len(calls) == 2 * 7 + 1 and calls.short == 2 * 7, calls
+            assert torch.equal(again, got)
+            calls.short = 0
             # the active-adapter path (set_adapter, no adapter_names): a0 is on the 7 projections
             # of both layers, a2 on v_proj, down_proj and lm_head
             for name, layers in (("a0", 2 * 7), ("a2", 2 * 2 + 1)):
@@ -377,24 +384,199 @@ CHANGES = [
 ]
 
 
-def test_each_kind_of_adapter_change_between_calls_reaches_the_output():
+@pytest.mark.parametrize("threads", [None, 1], ids=["default_threads", "one_thread_short_path"])
+def test_each_kind_of_adapter_change_between_calls_reaches_the_output(threads, monkeypatch):
     # Each change alone, between two calls with the same batch: the accelerated model's cached
     # stacks must follow it exactly as PEFT's own forward (a twin model, never accelerated) does.
+    # On one thread the 20 tokens run the fused kernel, and a call repeating a layer's last one
+    # takes the short path, which must see the change too.
     model = peft_model()
     twin = copy.deepcopy(model)
     lora_fast.accelerate(model)
+    calls = count_fused_kernel_calls(monkeypatch)
     ids = torch.randint(1, 97, (4, 5))
     names = ["a0", "a3", "a2", "a0"]
-    before = logits(twin, ids, adapter_names=names)
-    assert_same(logits(model, ids, adapter_names=names), before)
-    for seed, kind in enumerate(CHANGES):
-        _change(kind, model, seed)
-        _change(kind, twin, seed)
-        got, expected = logits(model, ids, adapter_names=names), logits(twin, ids, adapter_names=names)
-        assert not torch.allclose(expected, before), f"{kind}: the change should move the output"
-        tolerance = 1e-5 * float(expected.abs().max())
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=tolerance, msg=kind)
-        before = expected
+    with torch_threads(threads or torch.get_num_threads()):
+        before = logits(twin, ids, adapter_names=names)
+        assert_same(logits(model, ids, adapter_names=names), before)
+        for seed, kind in enumerate(CHANGES):
+            _change(kind, model, seed)
+            _change(kind, twin, seed)
+            got, expected = logits(model, ids, adapter_names=names), logits(twin, ids, adapter_names=names)
+            assert not torch.allclose(expected, before), f"{kind}: the change should move the output"
+            tolerance = 1e-5 * float(expected.abs().max())
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=tolerance, msg=kind)
+            before = expected
+    if threads == 1:
+        assert calls.short > 0
+
+
+def _logits_or_error(model, ids, **kwargs):
+    try:
+        return logits(model, ids, **kwargs)
+    except ValueError as error:
+        return str(error)
+
+
+def test_short_path_follows_every_change_of_call_and_layer_state(monkeypatch):
+    """One thread, decode-sized calls: a call repeating a layer's last one takes the short path
+    (no lookups: tests/helpers counts it). Every change of state between two calls with the same
+    adapter names must reach the output as it does in PEFT's own forward (a twin never
+    accelerated). Each step checks two calls in a row: the first after the change, then a repeat.
+    (A forward's first layer always takes the full path, so the changes are made elsewhere.)"""
+    model = peft_model()
+    twin = copy.deepcopy(model)
+    lora_fast.accelerate(model)
+    calls = count_fused_kernel_calls(monkeypatch)
+    names = ["a0", "a3", "a2", "__base__", "a1"]
+    ids = torch.randint(1, 97, (5, 1))
+
+    def check(inputs=ids, adapter_names=None):
+        adapter_names = adapter_names or names
+        for _ in range(2):
+            expected = _logits_or_error(twin, inputs, adapter_names=adapter_names)
+            got = _logits_or_error(model, inputs, adapter_names=adapter_names)
+            if isinstance(expected, str):
+                assert got == expected
+            else:
+                assert_same(got, expected)
+
+    def both(change):
+        for m in (model, twin):
+            change(m.base_model.model.model.layers)
+
+    def up_proj_base(module):  # the base layers of gate_proj and up_proj: [64, 32]
+        return getattr(module, "weight", torch.empty(0)).shape == (64, 32)
+
+    with torch_threads(1):
+        check()
+        assert calls.short == 2 * 7, calls.short  # the repeat: every layer but the forward's first
+        both(lambda layers: layers[1].self_attn.v_proj.enable_adapters(False))
+        check()
+        both(lambda layers: layers[1].self_attn.v_proj.enable_adapters(True))
+        check()
+        # hooks on base layers, then on every module
+        hooks = []
+        both(
+            lambda layers: hooks.append(
+                layers[0].mlp.up_proj.base_layer.register_forward_hook(lambda m, i, out: out * 2)
+            )
+        )
+        check()
+        both(
+            lambda layers: hooks.append(
+                layers[1].mlp.gate_proj.base_layer.register_forward_pre_hook(lambda m, i: (-i[0],))
+            )
+        )
+        check()
+        for hook in hooks:
+            hook.remove()
+        check()
+        register = torch.nn.modules.module
+        # (lora_fast does not call the LoRA Linears lora_A / lora_B: a global hook does not see them)
+        with register.register_module_forward_hook(lambda m, i, out: out * 1.5 if up_proj_base(m) else None):
+            check()
+        check()
+        with register.register_module_forward_pre_hook(lambda m, i: (i[0] * 3,) if up_proj_base(m) else None):
+            check()
+        check()
+        # base parameters swapped into the dict, unregistered; a base layer replaced (its Linear
+        # made beforehand: making it registers parameters, which every layer notices)
+        swaps = {}
+        for m in (model, twin):
+            base = m.base_model.model.model.layers[1].mlp.down_proj.base_layer
+            swaps[m] = (
+                torch.nn.Parameter(base.weight.detach() * -1),
+                torch.nn.Parameter(base.weight.detach()[:, 0] * 3),
+            )
+        check()
+        for m in (model, twin):
+            base = m.base_model.model.model.layers[1].mlp.down_proj.base_layer
+            base._parameters["weight"] = swaps[m][0]
+        check()
+        for m in (model, twin):
+            base = m.base_model.model.model.layers[1].mlp.down_proj.base_layer
+            base._parameters["bias"] = swaps[m][1]
+        check()
+        replacements = {}
+        for m in (model, twin):
+            layer = m.base_model.model.model.layers[1].self_attn.o_proj
+            replacements[m] = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+            replacements[m].weight.data.copy_(layer.base_layer.weight * 0.5)
+        check()
+        for m in (model, twin):
+            m.base_model.model.model.layers[1].self_attn.o_proj._modules["base_layer"] = replacements[m]
+        check()
+        # one layer's LoRA parameters swapped into their dicts, unregistered
+        for m in (model, twin):
+            layer = m.base_model.model.model.layers[0].mlp.gate_proj
+            for name in layer.lora_A:
+                weight = layer.lora_A[name]._parameters["weight"]
+                layer.lora_A[name]._parameters["weight"] = torch.nn.Parameter(weight.detach() * -2)
+        check()
+        # merged adapters (PEFT refuses names then, with the same error), and unmerged
+        both(lambda layers: layers[1].mlp.up_proj.merge(["a3"]))
+        check()
+        both(lambda layers: layers[1].mlp.up_proj.unmerge())
+        check()
+        # another dtype, another sequence length, other names, a deleted adapter (the slots are
+        # renumbered)
+        for m in (model, twin):
+            m.double()
+        check()
+        for m in (model, twin):
+            m.float()
+        check()
+        check(torch.randint(1, 97, (5, 3)))
+        check(adapter_names=names[::-1])
+        for m in (model, twin):
+            m.delete_adapter("a1")
+        names = ["a0", "a3", "a2", "__base__", "a0"]
+        check()
+        # a forced backend, a dispatch mode: not the short path
+        calls.short = 0
+        with lora_fast.use_backend("torch"):
+            check()
+        assert calls.short == 0
+        check()
+        seen = set()
+
+        class Seen(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.add(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Seen():
+            check()
+        assert any(op.startswith("lora_fast.") for op in seen), seen
+        assert not any(op.startswith("lora_fast_C.") for op in seen), seen
+        # autograd on: gradients reach PEFT's parameters on a repeat call too
+        check()
+        decoder = model.base_model.model.model.layers[1]
+        for _ in range(2):
+            model.zero_grad()
+            model(input_ids=ids, adapter_names=names).logits.float().square().sum().backward()
+            assert decoder.mlp.down_proj.lora_A["a0"].weight.grad.abs().sum() > 0
+        # generation: prefill, then decode steps within one call
+        calls.short = 0
+        kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "adapter_names": names}
+        assert torch.equal(model.generate(input_ids=ids, **kwargs), twin.generate(input_ids=ids, **kwargs))
+        assert calls.short > 0
+
+
+def test_short_path_is_not_taken_in_training_mode_with_dropout(monkeypatch):
+    """Training mode under no_grad: lora_dropout applies (as in PEFT), on a repeat call too."""
+    model = lora_fast.accelerate(peft_model(dropout=0.5))
+    ids = torch.randint(1, 97, (4, 1))
+    names = ["a0", "a3", "a1", "a0"]
+    with torch_threads(1):
+        evaluated = logits(model, ids, adapter_names=names)
+        logits(model, ids, adapter_names=names)
+        model.train()
+        for _ in range(3):
+            assert not torch.allclose(logits(model, ids, adapter_names=names), evaluated)
+        model.eval()
+        assert_same(logits(model, ids, adapter_names=names), evaluated)
 
 
 def test_changes_made_while_an_adapter_sits_out_of_the_batch_reach_it_later():

@@ -17,6 +17,10 @@ its layers directly instead (same checks, same errors), which saves that per-cal
 mixed batch may then also train: ``model.train(); model(**inputs, adapter_names=[...]).loss
 .backward()`` puts each adapter's gradients, from its own tokens only, in its PEFT parameters
 (PEFT itself refuses ``adapter_names`` in training mode).
+
+In that mode a decode-sized inference call on the CPU that repeats a layer's last one (same
+names, shapes and state; see ``_fast_forward``) skips the lookups and goes straight to the fused
+kernel, after the same check of the adapters' weights and scalings.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from torch import nn
 from .. import _checks as check
 from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
-from ..layers import plain_linear
-from ..ops import fused_lora_linear, lora_delta
+from ..layers import _GLOBAL_HOOKS, plain_linear
+from ..ops import _dispatch_mode_active, _fused_cpu_kernel_runs, fused_lora_linear, lora_delta
 
 BASE_ADAPTER_NAME = "__base__"
 
@@ -173,6 +177,10 @@ class _ModelState:
         self._batch_key: object = None
         self._batch: AdapterBatch | None = None
         self.batch_names: frozenset[str] = frozenset()
+        # the names of the current call once a layer has checked the model-level state for it
+        # (slot numbering, AdapterBatch): a new list each forward call, the same one all through
+        # a generate() call
+        self.validated_names: list[str] | None = None
         self._one_slot_key: object = None
         self._one_slot: AdapterBatch | None = None
         self._training_key: object = None
@@ -329,6 +337,7 @@ class _LayerState:
         self._zero_slots: tuple = ()
         self._one_scale_key: object = None
         self._one_scale = torch.empty(0)
+        self.fast: tuple | None = None  # see _fast_forward
 
     def names_in_batch(self, batch_names: frozenset[str]) -> tuple[frozenset[str], bool]:
         """``(names, peft_path)``: the batch's adapters this layer has, and whether this call must
@@ -401,10 +410,16 @@ class _LayerState:
                 [2 * slot_of[name] + k for name, _, _ in resolved for k in (0, 1)], dtype=torch.int64
             )
             self._scaling_subset = {name: self._scaling_seen.get(name) for name, _, _ in resolved}
+        self.sync_slots(layer.scaling, slot_of)
+        return A, B, scales, ranks
+
+    def sync_slots(self, scaling: dict[str, float], slot_of: dict[str, int]) -> None:
+        """Copies into the stacks each adapter of the last resolved names whose scaling or weights
+        changed since it was last copied (``scaling``: the layer's own dict)."""
+        A, B_rank_major, scales, ranks, _ = self._stacks
         # Which adapters may have changed: those whose scaling moved (one C-level subset test of
         # the (name, scaling) pairs last seen) or whose parameters were updated in place or got
         # new storage (one compiled pass over their version counters and data pointers).
-        scaling = layer.scaling
         extension = backends.extension()
         suspects = {}
         if not self._scaling_subset.items() <= scaling.items():
@@ -436,7 +451,6 @@ class _LayerState:
                     scales[slot] = float(scaling[name])
                     ranks[slot] = rank
                 stamps[name] = (a, b, version)
-        return A, B, scales, ranks
 
     def training_stacks(self, layer: nn.Module, slot_names: tuple[str, ...], names: frozenset[str]) -> tuple:
         """``(A, B, scales, ranks, grad_slots)`` stacked from PEFT's parameters with autograd,
@@ -512,9 +526,16 @@ def _original_forward(layer: nn.Module):
 
 def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     layer_state: _LayerState = self._lora_fast_state
+    plain_call = not args and not kwargs
+    if plain_call and layer_state.fast is not None:
+        y = _fast_forward(self, layer_state, x)
+        if y is not None:
+            return y
+    layer_state.fast = None
     model_state = layer_state.model_state
     layer_state.refresh(self)
     adapter_names = kwargs.pop("adapter_names", None)
+    from_model = adapter_names is None  # the names the model handed over (hand_names_directly)
     if adapter_names is None:
         adapter_names = model_state.current_names
     if self.disable_adapters or self.merged or kwargs.get("alora_offsets") is not None:
@@ -537,6 +558,8 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     rows = x.reshape(-1, x.shape[-1])
     seq_len = rows.shape[0] // len(adapter_names)
     batch = model_state.batch(adapter_names, seq_len, x.device)
+    if from_model:
+        model_state.validated_names = adapter_names
     names_here, peft_path = layer_state.names_in_batch(model_state.batch_names)
     if peft_path:
         return _peft_forward(self, x, adapter_names, args, kwargs)
@@ -556,7 +579,108 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
         return result.view(*x.shape[:-1], result.shape[-1])
     slot_of = model_state.slot_of()
     A, B, scales, ranks = layer_state.inference_stacks(self, slot_of, names_here)
+    if plain_call and from_model:
+        layer_state.fast = _fast_entry(self, x, rows, A, B, batch, scales, ranks, slot_of)
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
+
+
+_FUSED_OP: list = []  # torch.ops.lora_fast_C.fused_lora_linear.default, once it is needed
+
+
+def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) -> tuple | None:
+    """What _fast_forward needs to repeat this inference call, when it is one that runs the C++
+    CPU kernel directly (``fused_lora_linear`` of a plain Linear, no autograd); else None."""
+    base = layer._modules["base_layer"]
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    if (
+        torch.is_grad_enabled()
+        or layer.training
+        or not plain_linear(base)
+        or not rows.dtype == A.dtype == weight.dtype
+        or not _fused_cpu_kernel_runs(rows, weight, bias, A, B)
+    ):
+        return None
+    if not _FUSED_OP:
+        _FUSED_OP.append(torch.ops.lora_fast_C.fused_lora_linear.default)
+    segments = (batch.token_order, batch.segment_starts, batch.segment_lengths)
+    first_A = layer._modules["lora_A"]._modules[next(iter(layer._lora_fast_state._resolved_names))]
+    return (
+        batch,
+        _registration_epoch[0],
+        x.shape,
+        x.dtype,
+        layer._modules,
+        base,
+        base._parameters,
+        weight,
+        bias,
+        first_A._parameters,
+        first_A._parameters["weight"],
+        layer.scaling,
+        slot_of,
+        (weight, bias, A, B, *segments, scales, ranks),
+    )
+
+
+def _fast_forward(layer: nn.Module, layer_state: _LayerState, x: torch.Tensor) -> torch.Tensor | None:
+    """This layer's output for x when the call repeats the layer's last one (``layer_state.fast``,
+    made by _fast_entry) in everything but x's values and the adapters' weights and scalings, which
+    are brought up to date here as on the full path; else None, and the full path runs.
+
+    On a CPU decode step the full path's lookups and checks, each on objects that the previous
+    layer's weight streams pushed out of the caches, cost about as much as the adapters' GEMMs.
+    This one checks what could differ between two such calls: a new call's names (the first layer
+    of each forward takes the full path, which checks them against the model's adapters; a layer
+    then goes fast only with the AdapterBatch it was set up with), adapters or parameters
+    registered anywhere, x's shape and dtype, the layer disabled, merged or put in training mode,
+    autograd, tracing or a dispatch mode, a forced backend, the base layer or its parameters
+    swapped or hooked, and the layer's first adapter parameter replaced without registration.
+    """
+    (
+        batch,
+        epoch,
+        shape,
+        dtype,
+        modules,
+        base,
+        base_params,
+        weight,
+        bias,
+        first_params,
+        first,
+        scaling,
+        slot_of,
+        op_args,
+    ) = layer_state.fast
+    model_state = layer_state.model_state
+    if not (
+        model_state.current_names is model_state.validated_names
+        and batch is model_state._batch
+        and epoch == _registration_epoch[0]
+        and type(x) is torch.Tensor
+        and x.shape == shape
+        and x.dtype is dtype
+        and x.is_cpu
+        and not layer._disable_adapters
+        and not layer.merged_adapters
+        and not layer.training
+        and modules["base_layer"] is base
+        and base_params["weight"] is weight
+        and base_params["bias"] is bias
+        and not base._forward_hooks
+        and not base._forward_pre_hooks
+        and not _GLOBAL_HOOKS[0]
+        and not _GLOBAL_HOOKS[1]
+        and first_params["weight"] is first
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not _dispatch_mode_active()
+        and backends.forced() in (None, "cpu")
+    ):
+        return None
+    layer_state.sync_slots(scaling, slot_of)
+    y = _FUSED_OP[0](x.reshape(-1, shape[-1]), *op_args)
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 def _dropped_like_peft(layer: nn.Module, x: torch.Tensor, groups: tuple, dtype) -> torch.Tensor:
