@@ -11,6 +11,10 @@
 namespace lora_fast {
 namespace cpu {
 std::string isa_name();
+at::Tensor fused_lora_linear(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& token_order,
+                             const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks);
 }  // namespace cpu
 }  // namespace lora_fast
 
@@ -89,6 +93,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "True when the extension was built with its CUDA kernels");
   m.def("cpu_isa", &lora_fast::cpu::isa_name, "Instruction set the CPU kernels run with here");
+  m.def("fused_lora_linear_cpu", &lora_fast::cpu::fused_lora_linear,
+        "The CPU kernel of torch.ops.lora_fast_C.fused_lora_linear, called without the dispatcher");
   m.def("changed_since", &changed_since, "Indices of tensors whose (version, data pointer) left stamps",
         pybind11::arg("tensors"), pybind11::arg("stamps"), pybind11::arg("rows"));
 }

@@ -62,6 +62,11 @@ def test_kernel_matches_reference(isa, one_thread, dtype, shape, bias, rank_majo
     )
     assert got.dtype == dtype
     assert_close(got, expected(c), dtype)
+    # the extension's binding of the same kernel (accelerate()'s short path calls it directly)
+    direct = lora_fast.backends.extension().fused_lora_linear_cpu(
+        c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"]
+    )
+    assert torch.equal(direct, got)
     with lora_fast.use_backend("cpu"):  # the public op takes the kernel on this shape
         assert torch.equal(call(c), got)
     assert torch.equal(c["ids"], ids)

@@ -550,7 +550,12 @@ def test_short_path_follows_every_change_of_call_and_layer_state(monkeypatch):
             check()
         assert any(op.startswith("lora_fast.") for op in seen), seen
         assert not any(op.startswith("lora_fast_C.") for op in seen), seen
-        # autograd on: gradients reach PEFT's parameters on a repeat call too
+        # inference mode (no autograd either: the short path), then autograd on: gradients reach
+        # PEFT's parameters on a repeat call too
+        calls.short = 0
+        with torch.inference_mode():
+            check()
+        assert calls.short == 2 * 7
         check()
         decoder = model.base_model.model.model.layers[1]
         for _ in range(2):

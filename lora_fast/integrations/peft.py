@@ -584,7 +584,19 @@ def _accelerated_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> t
     return _base_and_delta(self, x, args, kwargs, rows, rows, A, B, batch, scales, ranks)
 
 
-_FUSED_OP: list = []  # torch.ops.lora_fast_C.fused_lora_linear.default, once it is needed
+_FUSED_OP: list = []  # the kernel _fast_forward calls, once it is needed: see _short_path_kernel
+
+
+def _short_path_kernel():
+    """The CPU fused kernel as _fast_forward calls it: the extension's own binding of it, which
+    skips the dispatcher's argument parsing (1.9 instead of 3.5 us a call warm, more with cold
+    caches: SmolLM2 decode 1.104 -> 1.085 of the base model), once _fast_forward's guard has
+    ruled out all the dispatcher would add (autograd, dispatch modes, tracing); the op itself
+    with an extension built before that binding existed."""
+    if not _FUSED_OP:
+        direct = getattr(backends.extension(), "fused_lora_linear_cpu", None)
+        _FUSED_OP.append(direct or torch.ops.lora_fast_C.fused_lora_linear.default)
+    return _FUSED_OP[0]
 
 
 def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) -> tuple | None:
@@ -600,8 +612,7 @@ def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) 
         or not _fused_cpu_kernel_runs(rows, weight, bias, A, B)
     ):
         return None
-    if not _FUSED_OP:
-        _FUSED_OP.append(torch.ops.lora_fast_C.fused_lora_linear.default)
+    _short_path_kernel()
     segments = (batch.token_order, batch.segment_starts, batch.segment_lengths)
     first_A = layer._modules["lora_A"]._modules[next(iter(layer._lora_fast_state._resolved_names))]
     return (
