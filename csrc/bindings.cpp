@@ -81,6 +81,62 @@ std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& st
   return changed;
 }
 
+// Read only: true when any tensor's (version, data pointer) left its stamp (as changed_since
+// would find) or any scaling[names[i]] is not the float seen[i] (NaN: none seen yet; a missing
+// name or a value of another type counts as changed too). accelerate()'s short path asks this
+// before each call and runs its full sync only on true, so the common case costs one call whose
+// misses overlap: the tensors' chains as in changed_since, the dict lookups of every name, then
+// the loads of every value, each pass prefetching what the next one reads.
+bool adapters_changed(const pybind11::list& tensors, const at::Tensor& stamps, const at::Tensor& rows,
+                      const pybind11::dict& scaling, const pybind11::list& names, const at::Tensor& seen) {
+  const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
+  const int64_t m = static_cast<int64_t>(pybind11::len(names));
+  TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
+                        stamps.dim() == 2 && stamps.size(1) == 2,
+                    "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
+  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                        rows.dim() == 1 && rows.size(0) == n,
+                    "rows must be a contiguous CPU int64 tensor naming one stamp row per tensor");
+  TORCH_CHECK_VALUE(seen.device().is_cpu() && seen.scalar_type() == at::kDouble && seen.is_contiguous() &&
+                        seen.dim() == 1 && seen.size(0) == m,
+                    "seen must be a contiguous CPU float64 tensor with one value per name");
+  const int64_t* stamp = stamps.const_data_ptr<int64_t>();
+  const int64_t* row_of = rows.const_data_ptr<int64_t>();
+  const double* seen_value = seen.const_data_ptr<double>();
+  PyObject** items = PySequence_Fast_ITEMS(tensors.ptr());
+  PyObject** keys = PySequence_Fast_ITEMS(names.ptr());
+  for (int64_t i = 0; i < n; ++i) __builtin_prefetch(items[i]);
+  for (int64_t j = 0; j < m; ++j) __builtin_prefetch(keys[j]);
+  __builtin_prefetch(scaling.ptr());
+  std::vector<const c10::TensorImpl*> impls(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors[", i, "] is not a tensor");
+    TORCH_CHECK_VALUE(row_of[i] >= 0 && row_of[i] < stamps.size(0), "rows[", i, "] is out of range");
+    impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+    for (int line = 0; line < 4; ++line) __builtin_prefetch(reinterpret_cast<const char*>(impls[i]) + 64 * line);
+  }
+  std::vector<PyObject*> values(m);
+  for (int64_t j = 0; j < m; ++j) {
+    values[j] = PyDict_GetItemWithError(scaling.ptr(), keys[j]);  // borrowed
+    if (values[j] == nullptr) {
+      if (PyErr_Occurred()) throw pybind11::error_already_set();
+      return true;
+    }
+    __builtin_prefetch(values[j]);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t version = static_cast<int64_t>(impls[i]->version_counter().current_version());
+    const int64_t address = reinterpret_cast<int64_t>(impls[i]->storage().data()) +
+                            impls[i]->storage_offset() * static_cast<int64_t>(impls[i]->itemsize());
+    const int64_t* row = stamp + 2 * row_of[i];
+    if (row[0] != version || row[1] != address) return true;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    if (!PyFloat_CheckExact(values[j]) || PyFloat_AS_DOUBLE(values[j]) != seen_value[j]) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -95,6 +151,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &lora_fast::cpu::isa_name, "Instruction set the CPU kernels run with here");
   m.def("fused_lora_linear_cpu", &lora_fast::cpu::fused_lora_linear,
         "The CPU kernel of torch.ops.lora_fast_C.fused_lora_linear, called without the dispatcher");
+  m.def("adapters_changed", &adapters_changed,
+        "Whether any tensor left its stamp or any scaling[names[i]] is not the float seen[i] (read only)",
+        pybind11::arg("tensors"), pybind11::arg("stamps"), pybind11::arg("rows"), pybind11::arg("scaling"),
+        pybind11::arg("names"), pybind11::arg("seen"));
   m.def("changed_since", &changed_since, "Indices of tensors whose (version, data pointer) left stamps",
         pybind11::arg("tensors"), pybind11::arg("stamps"), pybind11::arg("rows"));
 }

@@ -713,3 +713,43 @@ def test_training_graph_adds_each_delta_into_a_tensor_of_its_own(names):
     loss = model(input_ids=ids, labels=ids, **kwargs).loss
     nodes = _autograd_node_names(loss)
     assert any("Delta" in n for n in nodes) and "CopySlices" not in nodes
+
+
+def test_adapters_changed_sees_every_kind_of_change_and_writes_nothing():
+    extension = lora_fast.backends.extension()
+    if extension is None:
+        pytest.skip("the compiled extension is not built")
+    tensors = [torch.randn(3, 4), torch.randn(4, 3)]
+    stamps = torch.full((4, 2), -1, dtype=torch.int64)
+    rows = torch.tensor([2, 1])
+    assert extension.changed_since(tensors, stamps, rows) == [0, 1]  # stamps them
+    scaling = {"a": 0.5, "b": 2.0}
+    names = ["b", "a"]
+    seen = torch.tensor([2.0, 0.5], dtype=torch.float64)
+
+    def changed(**overrides):
+        args = {
+            "tensors": tensors,
+            "stamps": stamps,
+            "rows": rows,
+            "scaling": scaling,
+            "names": names,
+            "seen": seen,
+        }
+        before = stamps.clone()
+        result = extension.adapters_changed(**(args | overrides))
+        assert torch.equal(stamps, before)  # read only
+        return result
+
+    assert not changed()
+    assert changed(seen=torch.tensor([2.0, float("nan")], dtype=torch.float64))  # never seen
+    assert changed(scaling={"a": 0.5, "b": 2.5})
+    assert changed(scaling={"a": 0.5, "b": 2})  # not a float: the full check decides
+    assert changed(scaling={"b": 2.0})  # a name missing
+    assert changed(tensors=[tensors[0], torch.randn(4, 3)])  # another storage
+    tensors[1].mul_(2)  # in place: a new version
+    assert changed()
+    assert extension.changed_since(tensors, stamps, rows) == [1]
+    assert not changed()
+    with pytest.raises(ValueError, match="seen"):
+        changed(seen=torch.zeros(3, dtype=torch.float64))

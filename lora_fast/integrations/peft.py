@@ -26,6 +26,7 @@ kernel, after the same check of the adapters' weights and scalings.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from dataclasses import dataclass, field
 
@@ -331,6 +332,10 @@ class _LayerState:
         self._version_table = torch.empty(0, 2, dtype=torch.int64)
         self._scaling_seen: dict[str, float] = {}
         self._scaling_subset: dict[str, float | None] = {}
+        # the same values as float64 in the resolved names' order (NaN: none seen, or not a
+        # float), for the extension's adapters_changed
+        self._resolved_name_list: list[str] = []
+        self._scaling_values = torch.empty(0, dtype=torch.float64)
         self._slot_values_key: object = None
         self._slot_values: tuple = ()
         self._zero_slot_key: object = None
@@ -410,6 +415,11 @@ class _LayerState:
                 [2 * slot_of[name] + k for name, _, _ in resolved for k in (0, 1)], dtype=torch.int64
             )
             self._scaling_subset = {name: self._scaling_seen.get(name) for name, _, _ in resolved}
+            self._resolved_name_list = [name for name, _, _ in resolved]
+            self._scaling_values = torch.tensor(
+                [_as_seen(self._scaling_subset[name]) for name in self._resolved_name_list],
+                dtype=torch.float64,
+            )
         self.sync_slots(layer.scaling, slot_of)
         return A, B, scales, ranks
 
@@ -423,10 +433,11 @@ class _LayerState:
         extension = backends.extension()
         suspects = {}
         if not self._scaling_subset.items() <= scaling.items():
-            for entry in self._resolved:
+            for index, entry in enumerate(self._resolved):
                 name = entry[0]
                 if scaling[name] != self._scaling_subset[name]:
                     self._scaling_subset[name] = self._scaling_seen[name] = scaling[name]
+                    self._scaling_values[index] = _as_seen(scaling[name])
                     suspects[name] = entry
         if extension is None:
             suspects = {entry[0]: entry for entry in self._resolved}
@@ -518,6 +529,10 @@ class _LayerState:
             )
             self._zero_slot_key = key
         return self._zero_slots
+
+
+def _as_seen(value) -> float:
+    return value if type(value) is float else math.nan
 
 
 def _original_forward(layer: nn.Module):
@@ -630,6 +645,7 @@ def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) 
         layer.scaling,
         slot_of,
         (weight, bias, A, B, *segments, scales, ranks),
+        getattr(backends.extension(), "adapters_changed", None),
     )
 
 
@@ -662,6 +678,7 @@ def _fast_forward(layer: nn.Module, layer_state: _LayerState, x: torch.Tensor) -
         scaling,
         slot_of,
         op_args,
+        adapters_changed,
     ) = layer_state.fast
     model_state = layer_state.model_state
     if not (
@@ -689,7 +706,15 @@ def _fast_forward(layer: nn.Module, layer_state: _LayerState, x: torch.Tensor) -
         and backends.forced() in (None, "cpu")
     ):
         return None
-    layer_state.sync_slots(scaling, slot_of)
+    if adapters_changed is None or adapters_changed(
+        layer_state._resolved_tensors,
+        layer_state._version_table,
+        layer_state._resolved_rows,
+        scaling,
+        layer_state._resolved_name_list,
+        layer_state._scaling_values,
+    ):
+        layer_state.sync_slots(scaling, slot_of)
     y = _FUSED_OP[0](x.reshape(-1, shape[-1]), *op_args)
     return y.view(*shape[:-1], y.shape[-1])
 
