@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lora_fast {
@@ -39,6 +40,45 @@ TORCH_LIBRARY(lora_fast_C, m) {
 
 namespace {
 
+// The stamp rows of a list of tensors: the checks changed_since and adapters_changed share, and
+// the first links of each tensor's chain of dependent loads (Python object, then TensorImpl, then
+// version counter / storage), each pass prefetching what the next one reads.
+struct StampedTensors {
+  std::vector<const c10::TensorImpl*> impls;
+  const int64_t* row_of;
+
+  StampedTensors(const pybind11::list& tensors, const at::Tensor& stamps, const at::Tensor& rows) {
+    const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
+    TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
+                          stamps.dim() == 2 && stamps.size(1) == 2,
+                      "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
+    TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                          rows.dim() == 1 && rows.size(0) == n,
+                      "rows must be a contiguous CPU int64 tensor naming one stamp row per tensor");
+    row_of = rows.const_data_ptr<int64_t>();
+    PyObject** items = PySequence_Fast_ITEMS(tensors.ptr());
+    for (int64_t i = 0; i < n; ++i) __builtin_prefetch(items[i]);
+    impls.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors[", i, "] is not a tensor");
+      TORCH_CHECK_VALUE(row_of[i] >= 0 && row_of[i] < stamps.size(0), "rows[", i, "] is out of range");
+      // Read in place: no reference taken, so the loop writes to no tensor's cache line.
+      impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+      for (int line = 0; line < 4; ++line) __builtin_prefetch(reinterpret_cast<const char*>(impls[i]) + 64 * line);
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(impls.size()); }
+
+  // tensor i's (version, data pointer) now
+  std::pair<int64_t, int64_t> stamp(int64_t i) const {
+    const c10::TensorImpl* impl = impls[i];
+    return {static_cast<int64_t>(impl->version_counter().current_version()),
+            reinterpret_cast<int64_t>(impl->storage().data()) +
+                impl->storage_offset() * static_cast<int64_t>(impl->itemsize())};
+  }
+};
+
 // For each tensor i: has its (version counter, data pointer) moved from its stamp, row rows[i]
 // of stamps? Returns the indices i that did and writes their new stamps. One call checks a
 // whole list of parameters for in-place updates (version) or new storage (data pointer),
@@ -47,34 +87,15 @@ namespace {
 // counter / storage), so the chains advance for every tensor at once, one link per pass, with
 // the next link prefetched: the misses of one pass overlap instead of queueing.
 std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& stamps, const at::Tensor& rows) {
-  const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
-  TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
-                        stamps.dim() == 2 && stamps.size(1) == 2,
-                    "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
-  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
-                        rows.dim() == 1 && rows.size(0) == n,
-                    "rows must be a contiguous CPU int64 tensor naming one stamp row per tensor");
+  const StampedTensors stamped(tensors, stamps, rows);
   int64_t* stamp = stamps.data_ptr<int64_t>();
-  const int64_t* row_of = rows.const_data_ptr<int64_t>();
-  PyObject** items = PySequence_Fast_ITEMS(tensors.ptr());
-  for (int64_t i = 0; i < n; ++i) __builtin_prefetch(items[i]);
-  std::vector<const c10::TensorImpl*> impls(n);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors[", i, "] is not a tensor");
-    TORCH_CHECK_VALUE(row_of[i] >= 0 && row_of[i] < stamps.size(0), "rows[", i, "] is out of range");
-    // Read in place: no reference taken, so the loop writes to no tensor's cache line.
-    impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-    for (int line = 0; line < 4; ++line) __builtin_prefetch(reinterpret_cast<const char*>(impls[i]) + 64 * line);
-  }
   std::vector<int64_t> changed;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t version = static_cast<int64_t>(impls[i]->version_counter().current_version());
-    const int64_t address = reinterpret_cast<int64_t>(impls[i]->storage().data()) +
-                            impls[i]->storage_offset() * static_cast<int64_t>(impls[i]->itemsize());
-    int64_t* row = stamp + 2 * row_of[i];
-    if (row[0] != version || row[1] != address) {
-      row[0] = version;
-      row[1] = address;
+  for (int64_t i = 0; i < stamped.size(); ++i) {
+    const auto now = stamped.stamp(i);
+    int64_t* row = stamp + 2 * stamped.row_of[i];
+    if (row[0] != now.first || row[1] != now.second) {
+      row[0] = now.first;
+      row[1] = now.second;
       changed.push_back(i);
     }
   }
@@ -89,32 +110,15 @@ std::vector<int64_t> changed_since(const pybind11::list& tensors, at::Tensor& st
 // the loads of every value, each pass prefetching what the next one reads.
 bool adapters_changed(const pybind11::list& tensors, const at::Tensor& stamps, const at::Tensor& rows,
                       const pybind11::dict& scaling, const pybind11::list& names, const at::Tensor& seen) {
-  const int64_t n = static_cast<int64_t>(pybind11::len(tensors));
   const int64_t m = static_cast<int64_t>(pybind11::len(names));
-  TORCH_CHECK_VALUE(stamps.device().is_cpu() && stamps.scalar_type() == at::kLong && stamps.is_contiguous() &&
-                        stamps.dim() == 2 && stamps.size(1) == 2,
-                    "stamps must be a contiguous CPU int64 tensor of shape [rows, 2]");
-  TORCH_CHECK_VALUE(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
-                        rows.dim() == 1 && rows.size(0) == n,
-                    "rows must be a contiguous CPU int64 tensor naming one stamp row per tensor");
   TORCH_CHECK_VALUE(seen.device().is_cpu() && seen.scalar_type() == at::kDouble && seen.is_contiguous() &&
                         seen.dim() == 1 && seen.size(0) == m,
                     "seen must be a contiguous CPU float64 tensor with one value per name");
-  const int64_t* stamp = stamps.const_data_ptr<int64_t>();
-  const int64_t* row_of = rows.const_data_ptr<int64_t>();
   const double* seen_value = seen.const_data_ptr<double>();
-  PyObject** items = PySequence_Fast_ITEMS(tensors.ptr());
   PyObject** keys = PySequence_Fast_ITEMS(names.ptr());
-  for (int64_t i = 0; i < n; ++i) __builtin_prefetch(items[i]);
   for (int64_t j = 0; j < m; ++j) __builtin_prefetch(keys[j]);
   __builtin_prefetch(scaling.ptr());
-  std::vector<const c10::TensorImpl*> impls(n);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensors[", i, "] is not a tensor");
-    TORCH_CHECK_VALUE(row_of[i] >= 0 && row_of[i] < stamps.size(0), "rows[", i, "] is out of range");
-    impls[i] = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-    for (int line = 0; line < 4; ++line) __builtin_prefetch(reinterpret_cast<const char*>(impls[i]) + 64 * line);
-  }
+  const StampedTensors stamped(tensors, stamps, rows);
   std::vector<PyObject*> values(m);
   for (int64_t j = 0; j < m; ++j) {
     values[j] = PyDict_GetItemWithError(scaling.ptr(), keys[j]);  // borrowed
@@ -124,12 +128,11 @@ bool adapters_changed(const pybind11::list& tensors, const at::Tensor& stamps, c
     }
     __builtin_prefetch(values[j]);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t version = static_cast<int64_t>(impls[i]->version_counter().current_version());
-    const int64_t address = reinterpret_cast<int64_t>(impls[i]->storage().data()) +
-                            impls[i]->storage_offset() * static_cast<int64_t>(impls[i]->itemsize());
-    const int64_t* row = stamp + 2 * row_of[i];
-    if (row[0] != version || row[1] != address) return true;
+  const int64_t* stamp = stamps.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < stamped.size(); ++i) {
+    const auto now = stamped.stamp(i);
+    const int64_t* row = stamp + 2 * stamped.row_of[i];
+    if (row[0] != now.first || row[1] != now.second) return true;
   }
   for (int64_t j = 0; j < m; ++j) {
     if (!PyFloat_CheckExact(values[j]) || PyFloat_AS_DOUBLE(values[j]) != seen_value[j]) return true;

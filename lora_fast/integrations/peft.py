@@ -617,15 +617,13 @@ def _short_path_kernel():
 def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) -> tuple | None:
     """What _fast_forward needs to repeat this inference call, when it is one that runs the C++
     CPU kernel directly (``fused_lora_linear`` of a plain Linear, no autograd); else None."""
-    base = layer._modules["base_layer"]
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    if (
-        torch.is_grad_enabled()
-        or layer.training
-        or not plain_linear(base)
-        or not rows.dtype == A.dtype == weight.dtype
-        or not _fused_cpu_kernel_runs(rows, weight, bias, A, B)
-    ):
+    if torch.is_grad_enabled() or layer.training:
+        return None
+    fusable = _fusable_base(layer, rows, A)
+    if fusable is None:
+        return None
+    base, weight, bias = fusable
+    if not _fused_cpu_kernel_runs(rows, weight, bias, A, B):
         return None
     _short_path_kernel()
     segments = (batch.token_order, batch.segment_starts, batch.segment_lengths)
@@ -745,14 +743,25 @@ def _base_and_delta(layer, x, args, kwargs, rows, lora_input, A, B, batch, scale
     fused_lora_linear call when the base layer is a plain Linear and the delta reads x's own
     ``rows`` (no dropout applied; one kernel for decode-sized CPU batches), else the base layer
     then the delta."""
-    base = layer._modules["base_layer"]
-    if not args and not kwargs and lora_input is rows and plain_linear(base):
-        weight, bias = base._parameters["weight"], base._parameters["bias"]
-        if rows.dtype == A.dtype == weight.dtype:
-            y = fused_lora_linear(lora_input, weight, bias, A, B, batch, scales, ranks, check_args=False)
-            return y.view(*x.shape[:-1], y.shape[-1])  # half the cost of building a Size
-    result = base(x, *args, **kwargs)
+    fusable = _fusable_base(layer, rows, A) if not args and not kwargs and lora_input is rows else None
+    if fusable is not None:
+        _, weight, bias = fusable
+        y = fused_lora_linear(lora_input, weight, bias, A, B, batch, scales, ranks, check_args=False)
+        return y.view(*x.shape[:-1], y.shape[-1])  # half the cost of building a Size
+    result = layer._modules["base_layer"](x, *args, **kwargs)
     return _add_delta(result, layer._cast_input_dtype(lora_input, A.dtype), A, B, batch, scales, ranks, None)
+
+
+def _fusable_base(layer: nn.Module, rows: torch.Tensor, A: torch.Tensor) -> tuple | None:
+    """``(base layer, weight, bias)`` when the base layer is a plain Linear of the dtype of
+    ``rows`` and ``A``, so that ``fused_lora_linear`` may compute it with the delta; else None."""
+    base = layer._modules["base_layer"]
+    if not plain_linear(base):
+        return None
+    weight = base._parameters["weight"]
+    if not rows.dtype == A.dtype == weight.dtype:
+        return None
+    return base, weight, base._parameters["bias"]
 
 
 def _peft_forward(layer, x, adapter_names, args, kwargs):
