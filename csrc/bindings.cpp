@@ -16,6 +16,10 @@ at::Tensor fused_lora_linear(const at::Tensor& x, const at::Tensor& W, const std
                              const at::Tensor& A, const at::Tensor& B, const at::Tensor& token_order,
                              const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
                              const at::Tensor& scales, const std::optional<at::Tensor>& ranks);
+at::Tensor linear_then_delta(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& token_order,
+                             const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks);
 }  // namespace cpu
 }  // namespace lora_fast
 
@@ -154,6 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &lora_fast::cpu::isa_name, "Instruction set the CPU kernels run with here");
   m.def("fused_lora_linear_cpu", &lora_fast::cpu::fused_lora_linear,
         "The CPU kernel of torch.ops.lora_fast_C.fused_lora_linear, called without the dispatcher");
+  m.def("linear_then_delta_cpu", &lora_fast::cpu::linear_then_delta,
+        "at::linear(x, W, bias), then the CPU kernel of lora_fast_C.lora_delta_ added into it");
   m.def("adapters_changed", &adapters_changed,
         "Whether any tensor left its stamp or any scaling[names[i]] is not the float seen[i] (read only)",
         pybind11::arg("tensors"), pybind11::arg("stamps"), pybind11::arg("rows"), pybind11::arg("scaling"),

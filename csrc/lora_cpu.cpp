@@ -573,6 +573,19 @@ at::Tensor fused_lora_linear(const at::Tensor& x_in, const at::Tensor& W_in, con
   return y;
 }
 
+// x @ W^T + bias (at::linear: the BLAS library's GEMM, as F.linear computes it), then the delta
+// added into it in place: what fused_lora_linear computes past FUSED_MAX_TOKENS, in one call from
+// Python. accelerate()'s short path calls it (pybind, no dispatcher) for prefill-sized batches.
+at::Tensor linear_then_delta(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& token_order,
+                             const at::Tensor& segment_starts, const at::Tensor& segment_lengths,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& ranks) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "linear_then_delta expects x [T, d_in]");
+  at::Tensor y = at::linear(x, W, bias);
+  lora_delta_(x, A, B, token_order, segment_starts, segment_lengths, scales, ranks, y, true);
+  return y;
+}
+
 TORCH_LIBRARY_IMPL(lora_fast_C, CPU, m) {
   m.impl("lora_shrink", &lora_shrink);
   m.impl("lora_expand_", &lora_expand_);

@@ -614,6 +614,18 @@ def _fused_cpu_kernel_runs(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor,
     )
 
 
+def _composed_cpu_kernel_runs(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
+    """True when :func:`fused_lora_linear` computes these tensors past the fused kernel's token
+    limit as ``F.linear`` and then the C++ CPU delta kernel (``lora_fast_C.lora_delta_``, through
+    :func:`lora_delta`'s direct path), nothing else: no autograd, the CPU backend."""
+    return (
+        x.is_cpu
+        and x.dtype.is_floating_point
+        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
+        and select(_CPU, x.dtype) == "cpu"
+    )
+
+
 def fused_lora_linear(
     x: Tensor,
     W: Tensor,

@@ -103,23 +103,32 @@ def torch_threads(count: int):
 
 def count_fused_kernel_calls(monkeypatch) -> list[int]:
     """A list that records the token count of every fused_lora_linear kernel call lora_fast.ops
-    makes from now on (the composed path records nothing); ``calls.short`` counts those of
+    makes from now on (the composed path records nothing); ``calls.short`` counts the calls of
     accelerated PEFT layers' short path (a call repeating the layer's last one), which calls the
-    kernel itself."""
+    fused kernel, or past its token limit the base GEMM and the delta kernel, itself."""
     from lora_fast.integrations import peft as peft_integration
 
     class Calls(list):
         short = 0
 
     calls = Calls()
-    kernel = peft_integration._short_path_kernel() if lora_fast.backends.extension() is not None else None
+    extension = lora_fast.backends.extension() is not None
+    kernel = peft_integration._short_path_kernel() if extension else None
+    composed = peft_integration._short_path_kernel(False) if extension else None
 
     def short_path(*args):
         calls.short += 1
         calls.append(args[0].shape[0])
         return kernel(*args)
 
+    def short_path_composed(*args):
+        calls.short += 1
+        return composed(*args)
+
     monkeypatch.setattr(peft_integration, "_FUSED_OP", [short_path])
+    monkeypatch.setattr(
+        peft_integration, "_COMPOSED_OP", [short_path_composed if composed is not None else None]
+    )
     compiled = lora_fast.ops._compiled
 
     class Counting:

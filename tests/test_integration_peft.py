@@ -235,6 +235,56 @@ def test_mixed_batch_trains_several_adapters_through_peft_api(dropout, monkeypat
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_output_projection_runs_generates_last_position_slice_as_one_gemm():
+    """PEFT freezes lm_head, and torch's matmul then runs a strided [B, 1, d] slice (generate's
+    first step) as a bmm that reads the weight once per sequence; accelerate() copies such an
+    input first (one GEMM), and restore() takes that back."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_config())
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=PROJECTIONS), adapter_name="a0")
+    model.add_adapter("a1", peft.LoraConfig(r=8, target_modules=PROJECTIONS))
+    randomize(model)
+    model.eval()
+    lm_head = model.get_output_embeddings()
+    assert not lm_head.weight.requires_grad
+    hidden = torch.randn(5, 7, lm_head.in_features)
+
+    def run_last_position():
+        with torch.profiler.profile() as prof, torch.no_grad():
+            out = lm_head(hidden[:, -1:, :])
+        return out, sum(event.name == "aten::bmm" for event in prof.events())
+
+    expected, bmm_calls = run_last_position()
+    assert bmm_calls == 1
+    ids = torch.randint(1, 97, (3, 4))
+    kwargs = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "adapter_names": ["a1", "a0", "__base__"],
+        "pad_token_id": 0,
+    }
+    generated = model.generate(input_ids=ids, **kwargs)
+
+    lora_fast.accelerate(model)
+    lora_fast.accelerate(model)  # again: still one hook
+    report = model.lora_fast_report
+    assert list(report.adjusted) == [
+        "base_model.model.lm_head"
+    ] and "adjusted base_model.model.lm_head" in str(report)
+    assert len(lm_head._forward_pre_hooks) == 1
+    got, bmm_calls = run_last_position()
+    assert bmm_calls == 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    contiguous = torch.randn(2, 3, lm_head.in_features)  # left as it is
+    with torch.no_grad():
+        assert torch.equal(lm_head(contiguous), torch.nn.functional.linear(contiguous, lm_head.weight))
+    assert torch.equal(model.generate(input_ids=ids, **kwargs), generated)
+
+    lora_fast.restore(model)
+    assert not lm_head._forward_pre_hooks
+    assert run_last_position()[1] == 1
+
+
 def test_merge_and_unload_and_merged_adapters_fall_back_to_peft():
     model = peft_model()
     ids = torch.randint(1, 97, (2, 5))
@@ -418,18 +468,22 @@ def _logits_or_error(model, ids, **kwargs):
         return str(error)
 
 
-def test_short_path_follows_every_change_of_call_and_layer_state(monkeypatch):
-    """One thread, decode-sized calls: a call repeating a layer's last one takes the short path
-    (no lookups: tests/helpers counts it). Every change of state between two calls with the same
-    adapter names must reach the output as it does in PEFT's own forward (a twin never
-    accelerated). Each step checks two calls in a row: the first after the change, then a repeat.
-    (A forward's first layer always takes the full path, so the changes are made elsewhere.)"""
+@pytest.mark.parametrize("seq_len", [1, 9], ids=["decode_fused", "prefill_composed"])
+def test_short_path_follows_every_change_of_call_and_layer_state(seq_len, monkeypatch):
+    """One thread: a call repeating a layer's last one takes the short path (no lookups:
+    tests/helpers counts it), into the fused kernel for decode-sized calls (5 tokens), past its
+    token limit (45) into the base GEMM and the delta kernel. Every change of state between two
+    calls with the same adapter names must reach the output as it does in PEFT's own forward (a
+    twin never accelerated). Each step checks two calls in a row: the first after the change,
+    then a repeat. (A forward's first layer always takes the full path, so the changes are made
+    elsewhere.)"""
+    assert 5 * 9 > lora_fast.ops.FUSED_MAX_TOKENS
     model = peft_model()
     twin = copy.deepcopy(model)
     lora_fast.accelerate(model)
     calls = count_fused_kernel_calls(monkeypatch)
     names = ["a0", "a3", "a2", "__base__", "a1"]
-    ids = torch.randint(1, 97, (5, 1))
+    ids = torch.randint(1, 97, (5, seq_len))
 
     def check(inputs=ids, adapter_names=None):
         adapter_names = adapter_names or names
@@ -527,7 +581,7 @@ def test_short_path_follows_every_change_of_call_and_layer_state(monkeypatch):
         for m in (model, twin):
             m.float()
         check()
-        check(torch.randint(1, 97, (5, 3)))
+        check(torch.randint(1, 97, (5, seq_len + 2)))
         check(adapter_names=names[::-1])
         for m in (model, twin):
             m.delete_adapter("a1")
