@@ -72,6 +72,32 @@ def test_kernel_matches_reference(isa, one_thread, dtype, shape, bias, rank_majo
     assert torch.equal(c["ids"], ids)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(0, 2, 5, 4, 3), (ops.FUSED_MAX_TOKENS + 1, 5, 64, 19, 16), (67, 3, 97, 161, 80)], ids=str
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_then_delta_binding_is_the_composed_path_bit_for_bit(one_thread, dtype, shape, bias):
+    """accelerate()'s short path past the fused kernel's token limit calls the extension's
+    linear_then_delta_cpu: at::linear, then the delta kernel added into it. It must give the
+    bits of fused_lora_linear's composed path (F.linear, then lora_delta) and match the
+    reference, on unsorted tokens with no-adapter ones and mixed ranks."""
+    c = linear_case(shape, dtype, bias, rank_major=True)
+    ids = c["ids"].clone()
+    got = lora_fast.backends.extension().linear_then_delta_cpu(
+        c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"]
+    )
+    assert got.dtype == dtype and got.shape == (shape[0], shape[3])
+    composed = torch.nn.functional.linear(c["x"], c["W"], c["bias"])
+    lora_fast.lora_delta(c["x"], c["A"], c["B"], c["batch"], c["scales"], c["ranks"], out=composed)
+    assert torch.equal(got, composed)
+    if shape[0] > ops.FUSED_MAX_TOKENS:
+        assert torch.equal(call(c), got)  # the public op's composed path
+    if dtype != torch.bfloat16:
+        assert_close(got, expected(c), dtype)
+    assert torch.equal(c["ids"], ids)
+
+
 def test_threads_split_the_rows_without_changing_a_bit():
     c = linear_case((9, 4, 70, 203, 16), torch.float32, rank_major=True)
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], *c["batch"].metadata[1:], c["scales"], c["ranks"])
