@@ -606,18 +606,17 @@ def _fused_cpu_kernel_runs(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor,
     (``torch.ops.lora_fast_C.fused_lora_linear``, no autograd, nothing else around it)."""
     dtype = x.dtype
     return (
-        x.is_cpu
-        and (dtype == torch.float32 or dtype == torch.float64)
+        (dtype == torch.float32 or dtype == torch.float64)
         and x.shape[0] <= (FUSED_MAX_TOKENS if torch.get_num_threads() == 1 else FUSED_MAX_TOKENS_THREADED)
-        and _eager_direct(x, W, A, B, *(() if bias is None else (bias,)))
-        and select(_CPU, dtype) == "cpu"
+        and _cpu_kernels_run(x, W, bias, A, B)
     )
 
 
-def _composed_cpu_kernel_runs(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
-    """True when :func:`fused_lora_linear` computes these tensors past the fused kernel's token
-    limit as ``F.linear`` and then the C++ CPU delta kernel (``lora_fast_C.lora_delta_``, through
-    :func:`lora_delta`'s direct path), nothing else: no autograd, the CPU backend."""
+def _cpu_kernels_run(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor) -> bool:
+    """True when :func:`fused_lora_linear` computes these tensors with the C++ CPU kernels alone,
+    nothing else: no autograd, the CPU backend. It then runs the fused kernel where
+    :func:`_fused_cpu_kernel_runs` says so, else ``F.linear`` and the delta kernel
+    (``lora_fast_C.lora_delta_``, through :func:`lora_delta`'s direct path)."""
     return (
         x.is_cpu
         and x.dtype.is_floating_point

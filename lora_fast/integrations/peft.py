@@ -44,7 +44,7 @@ from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
 from ..layers import _GLOBAL_HOOKS, plain_linear
 from ..ops import (
-    _composed_cpu_kernel_runs,
+    _cpu_kernels_run,
     _dispatch_mode_active,
     _fused_cpu_kernel_runs,
     fused_lora_linear,
@@ -697,7 +697,7 @@ def _fast_entry(layer: nn.Module, x, rows, A, B, batch, scales, ranks, slot_of) 
         return None
     base, weight, bias = fusable
     fused = _fused_cpu_kernel_runs(rows, weight, bias, A, B)
-    if not fused and not _composed_cpu_kernel_runs(rows, weight, bias, A, B):
+    if not fused and not _cpu_kernels_run(rows, weight, bias, A, B):
         return None
     if _short_path_kernel(fused) is None:
         return None
