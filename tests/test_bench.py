@@ -96,6 +96,40 @@ def test_quick_peft_benchmark(tmp_path):
         assert row["adapter_mb"] > 0 and row["adapter_read_floor"] > 1.0
 
 
+def test_interleaved_rounds_give_every_function_each_predecessor_equally_often():
+    from benchmarks import common
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.interleaved_median_us(fns, min_run_time=0.0, min_rounds=6)
+    assert set(times) == set("abc") and all(t >= 0 for t in times.values())
+    timed = calls[3:]  # after one untimed warm-up call each
+    assert len(timed) == 18 and all(timed.count(name) == 6 for name in "abc")
+    rounds = [timed[i : i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == list("abc") for r in rounds)
+    followers = {}
+    for before, after in zip(timed, timed[1:], strict=False):
+        followers.setdefault(after, []).append(before)
+    # within and across rounds, no function always runs right after the same one
+    for name in "abc":
+        assert len(set(followers[name]) - {name}) == 2
+
+
+def test_peft_benchmark_times_a_copy_of_the_base_model():
+    from benchmarks import bench_peft
+
+    base = bench_peft.tiny_llama()
+    base_model, model = bench_peft.build_models(base, 2, 4, torch.float32)
+    assert base_model is not base and not base_model.training
+    pointers = {p.data_ptr() for p in base.parameters()}
+    assert pointers.isdisjoint(p.data_ptr() for p in base_model.parameters())
+    assert pointers.isdisjoint(p.data_ptr() for p in model.parameters())
+    for (name, original), (_, copied) in zip(
+        base.named_parameters(), base_model.named_parameters(), strict=True
+    ):
+        assert torch.equal(original, copied), name
+
+
 def test_peft_benchmark_counts_the_adapter_bytes_a_batch_reads():
     from benchmarks import bench_peft
     from lora_fast.integrations import hf_models
