@@ -25,15 +25,26 @@ _current_batch: contextvars.ContextVar[AdapterBatch | None] = contextvars.Contex
 
 def plain_linear(module: nn.Module) -> bool:
     """True when ``module(x)`` is exactly ``F.linear(x, module.weight, module.bias)``: an
-    ``nn.Linear`` itself (no subclass) with no forward hooks, so its GEMM may run fused with a
-    LoRA delta (``fused_lora_linear``) without changing what the model computes."""
+    ``nn.Linear`` itself (no subclass) with no forward hooks but ``contiguous_rows`` (which
+    changes no value), so its GEMM may run fused with a LoRA delta (``fused_lora_linear``)
+    without changing what the model computes."""
     return (
         type(module) is nn.Linear
         and not module._forward_hooks
-        and not module._forward_pre_hooks
+        and all(hook is contiguous_rows for hook in module._forward_pre_hooks.values())
         and not _GLOBAL_HOOKS[0]
         and not _GLOBAL_HOOKS[1]
     )
+
+
+def contiguous_rows(module: nn.Module, args: tuple):
+    """Forward pre-hook: a 3-D (or higher) input that is not contiguous is copied first, so that
+    torch's matmul runs it as one GEMM over all rows rather than one GEMM per leading index
+    (``lora_fast.accelerate`` puts it on a PEFT model's frozen output projection)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)

@@ -285,6 +285,34 @@ def test_output_projection_runs_generates_last_position_slice_as_one_gemm():
     assert run_last_position()[1] == 1
 
 
+def test_adapter_on_the_hooked_output_projection_added_later_runs_the_fused_kernel(monkeypatch):
+    """accelerate() hooks lm_head when no adapter targets it; an adapter added afterwards wraps
+    that hooked Linear, whose LoRA layer still takes the fused kernel and the short path."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(tiny_config())
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=PROJECTIONS), adapter_name="a0")
+    model.eval()
+    lora_fast.accelerate(model)
+    assert list(model.lora_fast_report.adjusted) == ["base_model.model.lm_head"]
+    model.add_adapter("head", peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "lm_head"]))
+    randomize(model)
+    model.eval()  # the new LoRA layer of lm_head starts in training mode
+    head = model.get_output_embeddings()
+    assert list(head.base_layer._forward_pre_hooks.values()) == [lora_fast.layers.contiguous_rows]
+    names = ["head", "a0", "__base__", "head"]
+    calls = count_fused_kernel_calls(monkeypatch)
+    with torch_threads(1), lora_fast.use_backend("cpu"):
+        ids = torch.randint(1, 97, (4, 1))
+        got = logits(model, ids, adapter_names=names)
+        assert len(calls) == 2 * 7 + 1, calls  # lm_head's LoRA layer too
+        calls.clear()
+        assert torch.equal(logits(model, ids, adapter_names=names), got)
+        assert len(calls) == 2 * 7 + 1 and calls.short == 2 * 7, calls
+    assert "base_model.model.lm_head" in model.lora_fast_report.accelerated
+    lora_fast.restore(model)
+    assert_same(got, logits(model, ids, adapter_names=names))
+
+
 def test_merge_and_unload_and_merged_adapters_fall_back_to_peft():
     model = peft_model()
     ids = torch.randint(1, 97, (2, 5))

@@ -42,7 +42,7 @@ from torch import nn
 from .. import _checks as check
 from .. import backends
 from ..batch import NO_ADAPTER, AdapterBatch
-from ..layers import _GLOBAL_HOOKS, plain_linear
+from ..layers import _GLOBAL_HOOKS, contiguous_rows, plain_linear
 from ..ops import (
     _cpu_kernels_run,
     _dispatch_mode_active,
@@ -183,16 +183,9 @@ def _fold_output_rows(model: nn.Module, state: _ModelState, report: Acceleration
     name = next((n for n, module in model.named_modules() if module is output), None)
     if name is None:
         return
-    state.output_rows_hook = output.register_forward_pre_hook(_contiguous_rows)
+    state.output_rows_hook = output.register_forward_pre_hook(contiguous_rows)
     state.output_rows_name = name
     report.adjusted[name] = OUTPUT_ROWS_CHANGE
-
-
-def _contiguous_rows(module: nn.Module, args: tuple):
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
-        return (x.contiguous(), *args[1:])
-    return None
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -771,7 +764,7 @@ def _fast_forward(layer: nn.Module, layer_state: _LayerState, x: torch.Tensor) -
         and base_params["weight"] is weight
         and base_params["bias"] is bias
         and not base._forward_hooks
-        and not base._forward_pre_hooks
+        and (not base._forward_pre_hooks or plain_linear(base))
         and not _GLOBAL_HOOKS[0]
         and not _GLOBAL_HOOKS[1]
         and first_params["weight"] is first
