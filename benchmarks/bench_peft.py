@@ -35,14 +35,12 @@ import torch
 import lora_fast
 from benchmarks import common
 from lora_fast.integrations import hf_models
+from lora_fast.layers import contiguous_rows
 
 
 def build_models(base: torch.nn.Module, num_adapters: int, rank: int, dtype: torch.dtype):
-    """(base model alone, PeftModel with adapters a0..a{n-1}), each on its own copy of ``base``.
-
-    The base model is a copy too, not ``base`` itself: SmolLM2's weights as loaded from its
-    GGUF file ran a decode forward 1.3-5% slower than the same weights copied (three runs,
-    interleaved, one thread), which flattered every ratio over the base model."""
+    """A PeftModel with adapters a0..a{n-1} on a copy of ``base``, and its accelerated twin
+    (another copy); then the base model to time against them (``sharing_base_weights``)."""
     import peft
 
     torch.manual_seed(0)
@@ -55,7 +53,36 @@ def build_models(base: torch.nn.Module, num_adapters: int, rank: int, dtype: tor
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.01)
-    return copy.deepcopy(base).eval(), model.to(dtype).eval()
+    model = model.to(next(base.parameters()).device, dtype).eval()
+    fast_model = lora_fast.accelerate(copy.deepcopy(model))
+    return sharing_base_weights(base, fast_model), model, fast_model
+
+
+def sharing_base_weights(base: torch.nn.Module, peft_model: torch.nn.Module) -> torch.nn.Module:
+    """``base``'s modules on ``peft_model``'s base weights: the same tensors, not a copy.
+
+    The ratio over the base model is then the LoRA cost alone. With weights of its own, the base
+    model's time depends on where they landed in memory: three copies of SmolLM2's weights ran
+    a decode forward up to 5% apart (interleaved, one thread), in either direction, which moved
+    every ratio over base by as much.
+
+    PEFT freezes those weights, and a frozen output projection sends generate()'s strided last
+    position through torch's bmm (see lora_fast.integrations.peft._fold_output_rows): the base
+    model gets the same ``contiguous_rows`` hook as the accelerated one, so its generation is as
+    fast as before the sharing."""
+    owned = dict(peft_model.get_base_model().named_parameters(remove_duplicate=False))
+    memo: dict[int, torch.nn.Parameter] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        module_name, _, leaf = name.rpartition(".")
+        shared = owned.get(name, owned.get(f"{module_name}.base_layer.{leaf}"))
+        if shared is None:
+            raise ValueError(f"{name} has no counterpart in the PeftModel")
+        memo[id(param)] = shared
+    model = copy.deepcopy(base, memo).eval()
+    output = model.get_output_embeddings()
+    if output is not None and not output.weight.requires_grad:
+        output.register_forward_pre_hook(contiguous_rows)
+    return model
 
 
 def adapter_bytes(peft_model: torch.nn.Module, names: Sequence[str]) -> int:
@@ -118,10 +145,9 @@ def run(
     repetitions: int,
 ) -> list[dict]:
     base = base.to(device, dtype)
-    base_model, peft_model = build_models(base, max(adapter_counts), 16, dtype)
-    peft_model.to(device)
     # PEFT's own forward and the accelerated one on twin models, so they can alternate
-    fast_model = lora_fast.accelerate(copy.deepcopy(peft_model))
+    base_model, peft_model, fast_model = build_models(base, max(adapter_counts), 16, dtype)
+    del base
     bandwidth = common.read_bandwidth_gbps(device)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
     rows = []

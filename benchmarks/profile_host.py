@@ -13,7 +13,6 @@ bench_lora_train's problem. Writes nothing; read its log.
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
 import functools
 import pstats
@@ -22,7 +21,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-import lora_fast
 from benchmarks import bench_lora_train, bench_peft
 
 
@@ -69,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             64,
         )
     base = base.to(device, dtype)
-    base_model, peft_model = bench_peft.build_models(base, adapters, 16, dtype)
-    fast_model = lora_fast.accelerate(copy.deepcopy(peft_model.to(device)))
+    base_model, _, fast_model = bench_peft.build_models(base, adapters, 16, dtype)
     ids = torch.randint(1, vocab, (sequences, 1), device=device)
     names = [f"a{i % adapters}" for i in range(sequences)]
     layers = (
